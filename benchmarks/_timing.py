@@ -1,0 +1,46 @@
+"""Timing helpers shared by the benchmark scripts: interleaved medians and thread report.
+
+These VMs are noisy, so every benchmark times its candidates *interleaved* in one
+process (A, B, A, B, ...) and reports medians and ratios, never absolute claims.
+"""
+
+import os
+import time
+
+import numpy as np
+
+
+def thread_report():
+    """One line describing the BLAS/OpenMP thread pools (threadpoolctl if installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (install threadpoolctl for details)"
+    pools = [f"{info['internal_api']}={info['num_threads']}" for info in threadpool_info()]
+    return f"threads: cpu_count={os.cpu_count()} " + " ".join(pools)
+
+
+def interleaved_medians(candidates, repeats, warmup=2):
+    """Time each zero-argument callable ``repeats`` times, interleaved; return median seconds.
+
+    Parameters
+    ----------
+    candidates : dict name -> callable
+    repeats : int
+    warmup : int
+        Untimed calls of each candidate first (caches, page faults, thread start-up).
+
+    Returns
+    -------
+    dict name -> median seconds per call
+    """
+    for _ in range(warmup):
+        for function in candidates.values():
+            function()
+    samples = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, function in candidates.items():
+            start = time.perf_counter()
+            function()
+            samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times)) for name, times in samples.items()}

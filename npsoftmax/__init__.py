@@ -1,0 +1,15 @@
+"""npsoftmax: a from-scratch NumPy/Cython CNN and four softmax heads, gradient-checked.
+
+The data path, one module per job::
+
+    images (N,32,32,3 uint8) -> data/ -> x (N,C,H,W float32)
+      -> body: layers.py (Conv2d, BatchNorm2d, ReLU, MaxPool2d, Linear ...) over functional.py over im2col.py
+      -> h (N,D) -> heads/ (softmax | gumbel | hierarchical | adaptive) -> loss, dh
+      -> backward through the body -> optim.py -> train.py
+
+``npsoftmax.im2col.BACKEND`` says whether the compiled Cython kernels are in use.
+"""
+
+__version__ = "0.1.0"
+
+from . import gradcheck, im2col  # noqa: F401  (im2col warns once if the extension is missing)
