@@ -1,0 +1,627 @@
+"""Stateless layers: every layer is a ``forward -> (out, cache)`` / ``backward(dout, cache)`` pair.
+
+The forward pass returns its output and a ``cache`` of whatever the backward
+pass needs; the backward pass takes the upstream gradient ``dout = dL/dout``
+and returns the gradients of the loss with respect to every input (CS231n
+style). The modules in :mod:`npsoftmax.layers` are thin stateful wrappers that
+call these pairs and keep the cache.
+
+Contract shared by every pair:
+
+* ``forward`` never writes into its inputs. The one deliberate exception is
+  batch norm in training mode, which updates the *running statistics buffers*
+  in place (exactly like PyTorch's ``running_mean``/``running_var``).
+* ``backward`` never writes into ``dout`` or into anything the cache refers to.
+* dtypes are preserved: float32 in gives float32 out and float32 gradients.
+  ``dout`` must have the dtype and shape of the forward output; a mismatch is
+  a ``TypeError``/``ValueError`` rather than a silent cast.
+"""
+
+import numbers
+
+import numpy as np
+
+from .im2col import col2im, conv_output_size, im2col
+
+__all__ = [
+    "affine_forward",
+    "affine_backward",
+    "relu_forward",
+    "relu_backward",
+    "conv_forward",
+    "conv_backward",
+    "max_pool_forward",
+    "max_pool_forward_reshape",
+    "max_pool_forward_im2col",
+    "max_pool_backward",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "spatial_batchnorm_forward",
+    "spatial_batchnorm_backward",
+    "dropout_forward",
+    "dropout_backward",
+    "flatten_forward",
+    "flatten_backward",
+]
+
+
+# ----------------------------------------------------------------------------
+# Argument checks (every message names the argument and what it received)
+# ----------------------------------------------------------------------------
+def _require_array(name, value):
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+
+
+def _require_ndim(name, array, ndim, layout):
+    _require_array(name, array)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {array.shape}")
+
+
+def _require_same_dtype(name, array, reference_name, reference):
+    if array.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {reference_name} ({reference.dtype}), "
+            f"got {array.dtype} ({name} shape {array.shape}, {reference_name} shape {reference.shape})"
+        )
+
+
+def _require_shape(name, array, expected):
+    _require_array(name, array)
+    if array.shape != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {array.shape}")
+
+
+def _check_upstream(dout, shape, dtype):
+    """``dout`` must look exactly like the forward output it is the gradient of."""
+    _require_array("dout", dout)
+    if dout.shape != tuple(shape):
+        raise ValueError(f"dout must have the forward output's shape {tuple(shape)}, got {dout.shape}")
+    if dout.dtype != dtype:
+        raise TypeError(f"dout must have the forward output's dtype {np.dtype(dtype)}, got {dout.dtype}")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        qualifier = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {qualifier}, got {value}")
+    return int(value)
+
+
+def _check_kernel_fits(x_shape, kernel_height, kernel_width, pad, kernel_source):
+    padded = (x_shape[2] + 2 * pad, x_shape[3] + 2 * pad)
+    if kernel_height > padded[0] or kernel_width > padded[1]:
+        raise ValueError(
+            f"kernel ({kernel_height}, {kernel_width}) from {kernel_source} is larger than the "
+            f"padded input {padded} of x shape {tuple(x_shape)} with pad={pad}"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Affine (fully connected)
+# ----------------------------------------------------------------------------
+def affine_forward(x, w, b):
+    """Fully connected layer ``out = x.reshape(N, D_in) @ w + b``.
+
+    Parameters
+    ----------
+    x : ndarray (N, D_in) or (N, d_1, ..., d_k) with d_1*...*d_k == D_in
+    w : ndarray (D_in, D_out), same dtype as ``x``
+    b : ndarray (D_out,) or None (no bias)
+
+    Returns
+    -------
+    out : ndarray (N, D_out)
+    cache : (x, w, has_bias)
+    """
+    _require_array("x", x)
+    _require_ndim("w", w, 2, "(D_in, D_out)")
+    if x.ndim < 2:
+        raise ValueError(f"x must be at least 2-D (N, D_in), got shape {x.shape}")
+    _require_same_dtype("x", x, "w", w)
+    in_features = int(np.prod(x.shape[1:]))
+    if in_features != w.shape[0]:
+        raise ValueError(
+            f"x has {in_features} features per row (x shape {x.shape}) but w expects "
+            f"D_in = {w.shape[0]} (w shape {w.shape})"
+        )
+    out = x.reshape(x.shape[0], in_features) @ w
+    if b is not None:
+        _require_shape("b", b, (w.shape[1],))
+        _require_same_dtype("b", b, "w", w)
+        out += b
+    return out, (x, w, b is not None)
+
+
+def affine_backward(dout, cache):
+    """Backward pass of :func:`affine_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray (N, D_out)
+
+    Returns
+    -------
+    dx : ndarray, shape of ``x``
+    dw : ndarray (D_in, D_out)
+    db : ndarray (D_out,), or None when the forward pass had no bias
+    """
+    x, w, has_bias = cache
+    _check_upstream(dout, (x.shape[0], w.shape[1]), w.dtype)
+    x_rows = x.reshape(x.shape[0], w.shape[0])
+    # out_nk = sum_i x_ni w_ik + b_k  =>  dx = dout w^T, dw = x^T dout, db = sum_n dout
+    dx = (dout @ w.T).reshape(x.shape)
+    dw = x_rows.T @ dout
+    db = dout.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# ReLU
+# ----------------------------------------------------------------------------
+def relu_forward(x):
+    """Rectified linear unit ``out = max(x, 0)``, elementwise; any shape.
+
+    Returns ``(out, cache)`` with ``out`` of the shape and dtype of ``x``.
+    """
+    _require_array("x", x)
+    return np.maximum(x, 0), x
+
+
+def relu_backward(dout, cache):
+    """Backward pass of :func:`relu_forward`: ``dx = dout * (x > 0)``, shape of ``x``.
+
+    The derivative at exactly 0 is taken as 0 (the PyTorch convention).
+    """
+    x = cache
+    _check_upstream(dout, x.shape, x.dtype)
+    return np.where(x > 0, dout, 0)
+
+
+# ----------------------------------------------------------------------------
+# Convolution: im2col + one GEMM
+# ----------------------------------------------------------------------------
+def conv_forward(x, w, b, stride=1, pad=0):
+    """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), float32 or float64
+    w : ndarray (F, C, KH, KW), same dtype; the kernel may be non-square
+    b : ndarray (F,) or None (no bias)
+    stride : int >= 1
+    pad : int >= 0, zeros added on every side
+
+    Returns
+    -------
+    out : ndarray (N, F, OH, OW) with ``OH = (H + 2*pad - KH) // stride + 1``
+        (likewise OW). When the stride does not tile the padded input the last
+        partial window is dropped (floor division, as PyTorch does), so the
+        last rows/columns of ``x`` may receive no gradient.
+    cache : (x_shape, cols, w, stride, pad, has_bias)
+    """
+    _require_ndim("x", x, 4, "(N, C, H, W)")
+    _require_ndim("w", w, 4, "(F, C, KH, KW)")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"channel mismatch: x has C = {x.shape[1]} channels (x shape {x.shape}) but w "
+            f"expects C = {w.shape[1]} (w shape {w.shape})"
+        )
+    _require_same_dtype("x", x, "w", w)
+    stride = _check_int("stride", stride, 1)
+    pad = _check_int("pad", pad, 0)
+    F, _, KH, KW = w.shape
+    _check_kernel_fits(x.shape, KH, KW, pad, f"w shape {w.shape}")
+    N = x.shape[0]
+    OH = conv_output_size(x.shape[2], KH, stride, pad)
+    OW = conv_output_size(x.shape[3], KW, stride, pad)
+
+    # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
+    cols = im2col(np.ascontiguousarray(x), KH, KW, stride, pad)
+    # The whole convolution is one GEMM: (F, C*KH*KW) @ (C*KH*KW, N*OH*OW).
+    out_rows = w.reshape(F, -1) @ cols
+    if b is not None:
+        _require_shape("b", b, (F,))
+        _require_same_dtype("b", b, "w", w)
+        out_rows += b[:, None]
+    # Columns are ordered (n, oh, ow): reshape to (F, N, OH, OW) and move F after N.
+    out = np.ascontiguousarray(out_rows.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
+    return out, (x.shape, cols, w, stride, pad, b is not None)
+
+
+def conv_backward(dout, cache):
+    """Backward pass of :func:`conv_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray (N, F, OH, OW)
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W)
+    dw : ndarray (F, C, KH, KW)
+    db : ndarray (F,), or None when the forward pass had no bias
+    """
+    x_shape, cols, w, stride, pad, has_bias = cache
+    F, _, KH, KW = w.shape
+    N = x_shape[0]
+    OH = conv_output_size(x_shape[2], KH, stride, pad)
+    OW = conv_output_size(x_shape[3], KW, stride, pad)
+    _check_upstream(dout, (N, F, OH, OW), w.dtype)
+    # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
+    dout_rows = dout.transpose(1, 0, 2, 3).reshape(F, N * OH * OW)
+    # out_rows = w_rows @ cols + b  =>  dw_rows = dout_rows @ cols^T, dcols = w_rows^T @ dout_rows.
+    dw = (dout_rows @ cols.T).reshape(w.shape)
+    dcols = w.reshape(F, -1).T @ dout_rows
+    # col2im is the adjoint of im2col: it adds each column entry back to the pixel
+    # it was copied from, so a pixel seen by several windows sums their gradients.
+    dx = col2im(np.ascontiguousarray(dcols), x_shape, KH, KW, stride, pad)
+    db = dout_rows.sum(axis=1) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# Max pooling
+# ----------------------------------------------------------------------------
+def _check_pool_arguments(x, size, stride):
+    _require_ndim("x", x, 4, "(N, C, H, W)")
+    size = _check_int("size", size, 1)
+    stride = _check_int("stride", stride, 1)
+    if size > x.shape[2] or size > x.shape[3]:
+        raise ValueError(
+            f"pool size {size} is larger than the input's spatial size {x.shape[2:]} "
+            f"(x shape {x.shape})"
+        )
+    return size, stride
+
+
+def max_pool_forward_reshape(x, size):
+    """Max pooling for windows that tile the input exactly (``stride == size``).
+
+    Reshapes ``x`` to (N, C, H/size, size, W/size, size) so every window is a
+    block of the array, with no copy into columns. Raises ``ValueError`` when
+    ``size`` does not divide H and W: this path never drops or pads pixels.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), with H and W multiples of ``size``
+    size : int >= 1, window size and stride
+
+    Returns
+    -------
+    out : ndarray (N, C, H/size, W/size)
+    cache : for :func:`max_pool_backward`
+    """
+    size, _ = _check_pool_arguments(x, size, size)
+    N, C, H, W = x.shape
+    if H % size or W % size:
+        raise ValueError(
+            f"max_pool_forward_reshape needs windows that tile the input: size={size} does not "
+            f"divide the spatial size {(H, W)} of x shape {x.shape}; use max_pool_forward"
+        )
+    OH, OW = H // size, W // size
+    # windows[n, c, oh, ow, i*size + j] = x[n, c, oh*size + i, ow*size + j]
+    windows = x.reshape(N, C, OH, size, OW, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, OH, OW, size * size)
+    # argmax returns the first maximum in row-major window order, the element PyTorch picks.
+    argmax = windows.argmax(axis=-1)
+    out = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    return out, ("reshape", x.shape, x.dtype, size, size, argmax)
+
+
+def max_pool_forward_im2col(x, size=2, stride=2):
+    """Max pooling for any window and stride (overlapping, gapped, or not tiling).
+
+    Every channel is treated as a one-channel image, unfolded with im2col into
+    (size*size, N*C*OH*OW) columns; the max of each column is its output. A
+    stride that does not tile the input drops the last partial window (floor,
+    as PyTorch does).
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    size : int >= 1
+    stride : int >= 1
+
+    Returns
+    -------
+    out : ndarray (N, C, OH, OW), ``OH = (H - size) // stride + 1`` (likewise OW)
+    cache : for :func:`max_pool_backward`
+    """
+    size, stride = _check_pool_arguments(x, size, stride)
+    N, C, H, W = x.shape
+    OH = conv_output_size(H, size, stride, 0)
+    OW = conv_output_size(W, size, stride, 0)
+    cols = im2col(np.ascontiguousarray(x).reshape(N * C, 1, H, W), size, size, stride, 0)
+    argmax = cols.argmax(axis=0)  # row i*size + j of the window: same order as the reshape path
+    out = cols[argmax, np.arange(cols.shape[1])].reshape(N, C, OH, OW)
+    return out, ("im2col", x.shape, x.dtype, size, stride, argmax)
+
+
+def max_pool_forward(x, size=2, stride=2):
+    """Max pooling over ``size x size`` windows moved by ``stride``.
+
+    Uses the reshape path when the windows tile the input exactly (``size ==
+    stride`` and H, W divisible by ``size``) and the general im2col path
+    otherwise; both record the argmax of each window and give the same result.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    size : int >= 1
+    stride : int >= 1
+
+    Returns
+    -------
+    out : ndarray (N, C, OH, OW), ``OH = (H - size) // stride + 1`` (likewise OW)
+    cache : for :func:`max_pool_backward`
+    """
+    size, stride = _check_pool_arguments(x, size, stride)
+    if size == stride and x.shape[2] % size == 0 and x.shape[3] % size == 0:
+        return max_pool_forward_reshape(x, size)
+    return max_pool_forward_im2col(x, size, stride)
+
+
+def max_pool_backward(dout, cache):
+    """Backward pass of max pooling: each window's gradient goes to its argmax.
+
+    Exactly one element per window receives the gradient (the first maximum,
+    as in PyTorch), even when several elements tie. With overlapping windows a
+    pixel that is the max of several windows accumulates all their gradients.
+
+    Parameters
+    ----------
+    dout : ndarray (N, C, OH, OW)
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W)
+    """
+    path, x_shape, dtype, size, stride, argmax = cache
+    N, C, H, W = x_shape
+    OH = conv_output_size(H, size, stride, 0)
+    OW = conv_output_size(W, size, stride, 0)
+    _check_upstream(dout, (N, C, OH, OW), dtype)
+    if path == "reshape":
+        dwindows = np.zeros((N, C, OH, OW, size * size), dtype=dout.dtype)
+        np.put_along_axis(dwindows, argmax[..., None], dout[..., None], axis=-1)
+        return dwindows.reshape(N, C, OH, OW, size, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, H, W)
+    dcols = np.zeros((size * size, N * C * OH * OW), dtype=dout.dtype)
+    dcols[argmax, np.arange(dcols.shape[1])] = dout.reshape(-1)
+    # col2im sums the columns back into the image: overlapping windows accumulate.
+    return col2im(dcols, (N * C, 1, H, W), size, size, stride, 0).reshape(N, C, H, W)
+
+
+# ----------------------------------------------------------------------------
+# Batch normalisation
+# ----------------------------------------------------------------------------
+def _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps):
+    D = x.shape[1]
+    for name, array in (
+        ("gamma", gamma),
+        ("beta", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        _require_array(name, array)
+        if array.shape != (D,):
+            raise ValueError(f"{name} must have shape ({D},) to match x shape {x.shape}, got {array.shape}")
+        _require_same_dtype(name, array, "x", x)
+    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(eps, numbers.Real) or not eps > 0.0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    # Python floats are "weak" scalars in NumPy 2: they never upcast float32 arrays.
+    return float(momentum), float(eps)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5):
+    """Batch normalisation over the batch axis, with PyTorch semantics.
+
+    ``out = gamma * (x - mean) / sqrt(var + eps) + beta`` per feature.
+
+    * Training: ``mean`` and ``var`` are the batch mean and the *biased* batch
+      variance (divide by N). The running buffers are updated **in place** --
+      the one deliberate mutation in this module::
+
+          running_mean = (1 - momentum) * running_mean + momentum * mean
+          running_var  = (1 - momentum) * running_var  + momentum * var * N / (N - 1)
+
+      (the running variance uses the *unbiased* batch variance, as PyTorch does).
+    * Eval: ``mean``/``var`` are the running buffers, which are not changed, so
+      each sample's output is independent of the rest of the batch.
+
+    Parameters
+    ----------
+    x : ndarray (N, D)
+    gamma, beta : ndarray (D,), scale and shift, dtype of ``x``
+    running_mean, running_var : ndarray (D,), dtype of ``x``
+    training : bool
+    momentum : float in [0, 1]
+    eps : float > 0
+
+    Returns
+    -------
+    out : ndarray (N, D)
+    cache : for :func:`batchnorm_backward`
+    """
+    _require_ndim("x", x, 2, "(N, D)")
+    momentum, eps = _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
+    N = x.shape[0]
+    if training:
+        if N < 2:
+            raise ValueError(
+                f"batch norm in training mode needs more than one value per feature, got x shape {x.shape}"
+            )
+        mean = x.mean(axis=0)
+        var = x.var(axis=0)  # biased: divides by N
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+        running_var *= 1.0 - momentum
+        running_var += momentum * (var * (N / (N - 1)))
+    else:
+        mean, var = running_mean, running_var  # read only; the cache keeps derived arrays
+    inv_std = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * inv_std
+    out = gamma * xhat + beta
+    return out, (xhat, gamma, inv_std, bool(training))
+
+
+def batchnorm_backward(dout, cache):
+    """Backward pass of :func:`batchnorm_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray (N, D)
+
+    Returns
+    -------
+    dx : ndarray (N, D)
+    dgamma, dbeta : ndarray (D,)
+    """
+    xhat, gamma, inv_std, training = cache
+    _check_upstream(dout, xhat.shape, xhat.dtype)
+    N = xhat.shape[0]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * xhat).sum(axis=0)
+    if not training:
+        # Eval mode: mean and inv_std are constants, so the layer is affine per feature.
+        return dout * (gamma * inv_std), dgamma, dbeta
+    # Training mode, per feature (drop the feature index; sums run over the batch n):
+    #   xhat_n = (x_n - mu) * s,   mu = (1/N) sum_n x_n,   s = (var + eps)^(-1/2),
+    #   var = (1/N) sum_n (x_n - mu)^2,   out_n = gamma * xhat_n + beta.
+    # With g_n = dL/dxhat_n = gamma * dout_n:
+    #   dxhat_m/dx_n = s * (delta_mn - 1/N) - xhat_m * s * xhat_n / N
+    # (d mu/dx_n = 1/N, d var/dx_n = 2 (x_n - mu) / N, so d s/dx_n = -s^3 (x_n - mu) / N).
+    # Summing g_m * dxhat_m/dx_n over m gives the compact form
+    #   dx_n = (s / N) * (N g_n - sum_m g_m - xhat_n * sum_m g_m xhat_m).
+    # The three terms: the direct path, the path through the mean, the path through the variance.
+    dxhat = dout * gamma
+    dx = (inv_std / N) * (N * dxhat - dxhat.sum(axis=0) - xhat * (dxhat * xhat).sum(axis=0))
+    return dx, dgamma, dbeta
+
+
+def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1, eps=1e-5):
+    """Batch normalisation of images: one mean/variance per channel, over (N, H, W).
+
+    Same semantics as :func:`batchnorm_forward` (and PyTorch's ``BatchNorm2d``),
+    with N*H*W values per channel; in training the running buffers are updated
+    in place.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    gamma, beta, running_mean, running_var : ndarray (C,), dtype of ``x``
+
+    Returns
+    -------
+    out : ndarray (N, C, H, W)
+    cache : for :func:`spatial_batchnorm_backward`
+    """
+    _require_ndim("x", x, 4, "(N, C, H, W)")
+    # Check here too, so that messages quote the 4-D shape the caller passed.
+    _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
+    N, C, H, W = x.shape
+    if training and N * H * W < 2:
+        raise ValueError(
+            f"batch norm in training mode needs more than one value per channel (N*H*W > 1), got x shape {x.shape}"
+        )
+    # Move channels last so every (n, h, w) position becomes one row of a (N*H*W, C) batch.
+    rows = x.transpose(0, 2, 3, 1).reshape(N * H * W, C)
+    out_rows, cache = batchnorm_forward(rows, gamma, beta, running_mean, running_var, training, momentum, eps)
+    out = np.ascontiguousarray(out_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
+    return out, (x.shape, cache)
+
+
+def spatial_batchnorm_backward(dout, cache):
+    """Backward pass of :func:`spatial_batchnorm_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray (N, C, H, W)
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W)
+    dgamma, dbeta : ndarray (C,)
+    """
+    x_shape, rows_cache = cache
+    _check_upstream(dout, x_shape, rows_cache[0].dtype)
+    N, C, H, W = x_shape
+    dout_rows = dout.transpose(0, 2, 3, 1).reshape(N * H * W, C)
+    dx_rows, dgamma, dbeta = batchnorm_backward(dout_rows, rows_cache)
+    dx = np.ascontiguousarray(dx_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------
+def _check_dropout_probability(p):
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a number in [0, 1), got {type(p).__name__} ({p!r})")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    return float(p)
+
+
+def dropout_forward(x, p, training, rng):
+    """Inverted dropout: zero each unit with probability ``p``, scale the rest by 1/(1-p).
+
+    Scaling at training time keeps ``E[out] = x``, so evaluation is the identity
+    (no rescaling at test time).
+
+    Parameters
+    ----------
+    x : ndarray, any shape
+    p : float in [0, 1), probability of dropping a unit
+    training : bool; when False the output is a copy of ``x``
+    rng : numpy.random.Generator, draws the mask (needed only in training
+        with p > 0); the same seed gives the same mask
+
+    Returns
+    -------
+    out : ndarray, shape and dtype of ``x``
+    cache : the mask ``keep / (1 - p)`` in the dtype of ``x`` (None in eval)
+    """
+    _require_array("x", x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+    p = _check_dropout_probability(p)
+    if not training or p == 0.0:
+        return x.copy(), (x.shape, x.dtype, None)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    keep = rng.random(x.shape) >= p  # float64 draws: the same seed gives the same mask in any dtype
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, (x.shape, x.dtype, mask)
+
+
+def dropout_backward(dout, cache):
+    """Backward pass of :func:`dropout_forward`: ``dx = dout * mask`` (shape of ``x``)."""
+    shape, dtype, mask = cache
+    _check_upstream(dout, shape, dtype)
+    return dout.copy() if mask is None else dout * mask
+
+
+# ----------------------------------------------------------------------------
+# Flatten
+# ----------------------------------------------------------------------------
+def flatten_forward(x):
+    """Flatten all but the batch axis: (N, d_1, ..., d_k) -> (N, d_1*...*d_k).
+
+    Returns ``(out, cache)``; ``out`` is a view of ``x`` when ``x`` is contiguous.
+    """
+    _require_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be at least 2-D (N, ...), got shape {x.shape}")
+    return x.reshape(x.shape[0], -1), (x.shape, x.dtype)
+
+
+def flatten_backward(dout, cache):
+    """Backward pass of :func:`flatten_forward`: reshape ``dout`` (N, D) back to ``x``'s shape."""
+    shape, dtype = cache
+    _check_upstream(dout, (shape[0], int(np.prod(shape[1:]))), dtype)
+    return dout.reshape(shape)

@@ -1,0 +1,400 @@
+"""Stateful modules over :mod:`npsoftmax.functional`.
+
+Every module works the same way: ``forward(x)`` calls its functional forward
+pass and keeps the cache; ``backward(dout)`` calls the matching backward pass
+with that cache, writes the parameter gradients into ``grads`` and returns
+``dx``.
+
+Protocol shared by every module:
+
+* ``params``: dict name -> the *live* parameter array. Optimizers update these
+  arrays in place, and writing into ``params[name][...]`` changes the layer;
+  never rebind an entry.
+* ``grads``: dict with the same keys; its arrays are allocated once and
+  overwritten in place by every ``backward``.
+* ``buffers``: non-trainable state (batch norm's running statistics); empty
+  for other modules.
+* ``train()`` / ``eval()`` set the ``training`` flag and return the module.
+
+Weights use He/Kaiming initialisation, ``N(0, 2 / fan_in)``, drawn from the
+``numpy.random.Generator`` passed as ``rng`` (in float64, then cast, so the same
+seed gives the same weights in float32 and float64); biases start at zero.
+"""
+
+import numbers
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = [
+    "Module",
+    "Linear",
+    "Conv2d",
+    "MaxPool2d",
+    "ReLU",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Dropout",
+    "Flatten",
+    "Sequential",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)), got {type(rng).__name__}"
+        )
+    return rng
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _kaiming_normal(rng, shape, fan_in, dtype):
+    """He/Kaiming normal init: std sqrt(2 / fan_in) keeps activations' variance through ReLUs."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+
+
+class Module:
+    """Base class: ``params``/``grads``/``buffers`` dicts, the ``training`` flag and the cache."""
+
+    def __init__(self, params=None, buffers=None):
+        self.params = dict(params or {})
+        self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
+        self.buffers = dict(buffers or {})
+        self.training = True
+        self._cache = None
+
+    def train(self):
+        """Switch to training mode; returns ``self``."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """Switch to evaluation mode; returns ``self``."""
+        self.training = False
+        return self
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _take_cache(self):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward was called before forward")
+        return self._cache
+
+    def _store_grads(self, **grads):
+        for name, grad in grads.items():
+            np.copyto(self.grads[name], grad)  # in place: the grads arrays stay the same objects
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Linear(Module):
+    """Fully connected layer ``out = x @ w + b``.
+
+    Shapes: x (N, in_features) -> out (N, out_features); params
+    ``w (in_features, out_features)``, ``b (out_features,)`` (omitted when
+    ``bias=False``). Inputs with more axes are flattened to (N, in_features).
+    """
+
+    def __init__(self, in_features, out_features, *, rng, dtype=np.float32, bias=True):
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        dtype = _check_dtype(dtype)
+        params = {"w": _kaiming_normal(_check_rng(rng), (in_features, out_features), in_features, dtype)}
+        if bias:
+            params["b"] = np.zeros(out_features, dtype=dtype)
+        super().__init__(params)
+
+    def forward(self, x):
+        out, self._cache = F.affine_forward(x, self.params["w"], self.params.get("b"))
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = F.affine_backward(dout, self._take_cache())
+        self._store_grads(w=dw, **({"b": db} if db is not None else {}))
+        return dx
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features}, bias={'b' in self.params})"
+
+
+class Conv2d(Module):
+    """2-D convolution (im2col + one GEMM).
+
+    Shapes: x (N, C, H, W) -> out (N, F, OH, OW) with
+    ``OH = (H + 2*pad - KH) // stride + 1`` (likewise OW); params
+    ``w (F, C, KH, KW)``, ``b (F,)`` (omitted when ``bias=False``), where
+    ``C = in_channels``, ``F = out_channels`` and ``kernel_size`` is an int or
+    a (KH, KW) pair.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, pad=0, rng, dtype=np.float32, bias=True):
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.out_channels = _check_positive_int("out_channels", out_channels)
+        if isinstance(kernel_size, numbers.Integral):
+            kernel_size = (kernel_size, kernel_size)
+        if not isinstance(kernel_size, (tuple, list)) or len(kernel_size) != 2:
+            raise TypeError(f"kernel_size must be an int or a (KH, KW) pair, got {kernel_size!r}")
+        self.kernel_size = (
+            _check_positive_int("kernel_size[0]", kernel_size[0]),
+            _check_positive_int("kernel_size[1]", kernel_size[1]),
+        )
+        self.stride = _check_positive_int("stride", stride)
+        if isinstance(pad, (bool, np.bool_)) or not isinstance(pad, numbers.Integral) or pad < 0:
+            raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+        self.pad = int(pad)
+        dtype = _check_dtype(dtype)
+        shape = (out_channels, in_channels, *self.kernel_size)
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        params = {"w": _kaiming_normal(_check_rng(rng), shape, fan_in, dtype)}
+        if bias:
+            params["b"] = np.zeros(out_channels, dtype=dtype)
+        super().__init__(params)
+
+    def forward(self, x):
+        out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = F.conv_backward(dout, self._take_cache())
+        self._store_grads(w=dw, **({"b": db} if db is not None else {}))
+        return dx
+
+    def __repr__(self):
+        return (
+            f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, pad={self.pad}, bias={'b' in self.params})"
+        )
+
+
+class MaxPool2d(Module):
+    """Max pooling over ``size x size`` windows moved by ``stride`` (default: ``size``).
+
+    Shapes: x (N, C, H, W) -> out (N, C, OH, OW), ``OH = (H - size) // stride + 1``.
+    No parameters.
+    """
+
+    def __init__(self, size=2, stride=None):
+        self.size = _check_positive_int("size", size)
+        self.stride = self.size if stride is None else _check_positive_int("stride", stride)
+        super().__init__()
+
+    def forward(self, x):
+        out, self._cache = F.max_pool_forward(x, self.size, self.stride)
+        return out
+
+    def backward(self, dout):
+        return F.max_pool_backward(dout, self._take_cache())
+
+    def __repr__(self):
+        return f"MaxPool2d(size={self.size}, stride={self.stride})"
+
+
+class ReLU(Module):
+    """Elementwise ``max(x, 0)``. Shapes: any -> same. No parameters."""
+
+    def forward(self, x):
+        out, self._cache = F.relu_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.relu_backward(dout, self._take_cache())
+
+
+class _BatchNorm(Module):
+    """Shared state of the batch-norm modules: gamma/beta params, running buffers."""
+
+    _forward = None
+    _backward = None
+
+    def __init__(self, num_features, *, momentum=0.1, eps=1e-5, dtype=np.float32):
+        self.num_features = _check_positive_int("num_features", num_features)
+        if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+        if not isinstance(eps, numbers.Real) or not eps > 0.0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        dtype = _check_dtype(dtype)
+        super().__init__(
+            params={"gamma": np.ones(num_features, dtype=dtype), "beta": np.zeros(num_features, dtype=dtype)},
+            buffers={
+                "running_mean": np.zeros(num_features, dtype=dtype),
+                "running_var": np.ones(num_features, dtype=dtype),
+            },
+        )
+
+    def forward(self, x):
+        # In training mode the functional pass updates the running buffers in place.
+        out, self._cache = type(self)._forward(
+            x,
+            self.params["gamma"],
+            self.params["beta"],
+            self.buffers["running_mean"],
+            self.buffers["running_var"],
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = type(self)._backward(dout, self._take_cache())
+        self._store_grads(gamma=dgamma, beta=dbeta)
+        return dx
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_features}, momentum={self.momentum}, eps={self.eps})"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over the batch axis (PyTorch semantics, see ``functional.batchnorm_forward``).
+
+    Shapes: x (N, D) -> out (N, D), ``D = num_features``; params
+    ``gamma (D,)``, ``beta (D,)``; buffers ``running_mean (D,)``, ``running_var (D,)``.
+    Training uses batch statistics and updates the buffers in place; eval uses the buffers.
+    """
+
+    _forward = staticmethod(F.batchnorm_forward)
+    _backward = staticmethod(F.batchnorm_backward)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Per-channel batch norm of images, statistics over (N, H, W) (PyTorch semantics).
+
+    Shapes: x (N, C, H, W) -> out (N, C, H, W), ``C = num_features``; params
+    ``gamma (C,)``, ``beta (C,)``; buffers ``running_mean (C,)``, ``running_var (C,)``.
+    Training uses batch statistics and updates the buffers in place; eval uses the buffers.
+    """
+
+    _forward = staticmethod(F.spatial_batchnorm_forward)
+    _backward = staticmethod(F.spatial_batchnorm_backward)
+
+
+class Dropout(Module):
+    """Inverted dropout with drop probability ``p``; identity in eval mode.
+
+    Shapes: any -> same. No parameters. The mask is drawn from ``self.rng``
+    (a ``numpy.random.Generator``) at every training-mode forward.
+    """
+
+    def __init__(self, p, *, rng):
+        self.p = F._check_dropout_probability(p)
+        self.rng = _check_rng(rng)
+        super().__init__()
+
+    def forward(self, x):
+        out, self._cache = F.dropout_forward(x, self.p, self.training, self.rng)
+        return out
+
+    def backward(self, dout):
+        return F.dropout_backward(dout, self._take_cache())
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class Flatten(Module):
+    """Flatten all but the batch axis. Shapes: (N, d_1, ..., d_k) -> (N, d_1*...*d_k)."""
+
+    def forward(self, x):
+        out, self._cache = F.flatten_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.flatten_backward(dout, self._take_cache())
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse.
+
+    Shapes: whatever the chain maps; the input of module i+1 is the output of
+    module i. ``params``, ``grads`` and ``buffers`` collect the children's
+    current dicts under ``"{index}.{name}"`` keys (e.g. ``"0.w"``, ``"1.gamma"``);
+    the arrays are the children's live arrays.
+    """
+
+    def __init__(self, *modules):
+        for index, module in enumerate(modules):
+            for attribute in ("forward", "backward", "params", "grads", "train", "eval"):
+                if not hasattr(module, attribute):
+                    raise TypeError(
+                        f"modules[{index}] ({type(module).__name__}) has no {attribute!r}: not a module"
+                    )
+        self.modules = list(modules)
+        self.training = True
+
+    def _collect(self, attribute):
+        return {
+            f"{index}.{name}": value
+            for index, module in enumerate(self.modules)
+            for name, value in getattr(module, attribute, {}).items()
+        }
+
+    @property
+    def params(self):
+        return self._collect("params")
+
+    @property
+    def grads(self):
+        return self._collect("grads")
+
+    @property
+    def buffers(self):
+        return self._collect("buffers")
+
+    def train(self):
+        for module in self.modules:
+            module.train()
+        self.training = True
+        return self
+
+    def eval(self):
+        for module in self.modules:
+            module.eval()
+        self.training = False
+        return self
+
+    def forward(self, x):
+        for module in self.modules:
+            x = module.forward(x)
+        return x
+
+    def backward(self, dout):
+        for module in reversed(self.modules):
+            dout = module.backward(dout)
+        return dout
+
+    def __len__(self):
+        return len(self.modules)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Sequential(*self.modules[index])
+        return self.modules[index]
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({index}): {module!r}" for index, module in enumerate(self.modules))
+        return f"Sequential({inner}\n)"
