@@ -1,0 +1,317 @@
+"""Hierarchical softmax: a tree of small softmaxes instead of one over all K classes.
+
+Each internal node of a ``Tree`` (see ``trees.py``) is a softmax over its children,
+and a class's log-probability is the sum of the log-choices on its path:
+
+    log p(k | h) = sum over (node m, child j) on the path to k of log softmax(s_m)[j]
+
+Parameterisation ("one row per free choice"). A softmax over ``c`` children is
+unchanged by adding a constant to all ``c`` scores, so one score per node can be
+pinned to 0 without losing anything: node ``m`` owns ``c_m - 1`` weight rows, one
+per child except the last, whose score is the constant 0 (the *reference* child):
+
+    s_m = [node_W[r] . h + node_b[r]  for the node's rows r ...,  0]
+
+For a binary node this is exactly word2vec's sigmoid ``p(first child) =
+sigma(w . h + b)``. Summed over the tree the rows number ``sum_m (c_m - 1) = K - 1``
+for *any* tree with K leaves, so ``node_W`` is ``(K - 1, D)`` (one row per free
+choice, in node order and child order; rows are D-vectors so a row gather is one
+contiguous copy) and ``node_b`` is ``(K - 1,)``.
+
+Training touches only the nodes on the targets' paths: O(N D depth) per step
+instead of O(N D K). The forward climbs from every target leaf to the root, one
+level per iteration for the whole batch at once. The backward collects the
+gradient of every touched row with one small dense product: with ``U`` distinct
+touched rows (``np.unique``) and ``A (N, U)`` the summed score gradients of sample
+i at row u (``np.bincount``),
+
+    dh = A @ node_W[rows],   d node_W[rows] = A^T @ h,   d node_b[rows] = sum_i A
+
+Gradients and huge K. ``grads["node_W"]`` / ``grads["node_b"]`` are dense arrays of the
+parameters' shapes (what any optimizer expects), but each ``backward`` only clears
+the rows it wrote last time and writes the rows it touched now: no dense
+``(K - 1, D)`` pass per step. ``row_grads`` holds the same gradient sparsely as
+``{name: (rows (U,), values (U, ...))}``, and ``sparse_sgd_step(lr)`` updates only those
+rows; with a million classes use that (a dense optimizer would sweep the whole table).
+
+``log_prob`` is exact over all leaves: every node's log-softmax, then log-probs
+accumulated from the root down one level at a time. ``predict`` is the exact argmax
+of it (default); ``predict(h, method="greedy")`` follows the best child from the
+root, which costs O(depth) but is only an approximation: a likely subtree can hold
+no single likely class (greedy != exact; see the tests).
+"""
+
+import numpy as np
+
+from .base import Head, linear_weight
+from .trees import Tree, balanced_tree, huffman_tree, tree_from_groups
+
+#: Above this many (sample, touched row) pairs the backward scatters with np.add.at
+#: instead of building the (N, U) matrix A (only reached for very large batches).
+_DENSE_SCATTER_LIMIT = 1 << 22
+#: log_prob/predict are evaluated in row chunks with at most this many (row, edge) entries.
+_PREDICT_CHUNK_ENTRIES = 1 << 23
+
+
+def _segment_log_normaliser(scores, segment_first, segment_of):
+    """Per-segment ``log(exp(0) + sum exp(scores))`` (the reference child adds exp(0)).
+
+    Args:
+        scores: (C,) scores, segments contiguous and non-empty.
+        segment_first: (S,) index of each segment's first score.
+        segment_of: (C,) segment of each score.
+
+    Returns:
+        (S,) log normalisers, computed with the max shift (the max includes the 0).
+    """
+    shift = np.maximum(np.maximum.reduceat(scores, segment_first), 0)
+    total = np.add.reduceat(np.exp(scores - shift[segment_of]), segment_first)
+    return shift + np.log(np.exp(-shift) + total)
+
+
+def build_tree(n_classes, tree="balanced", *, branching=2, class_counts=None, groups=None):
+    """Resolve a head's ``tree`` option into a ``Tree`` with ``n_classes`` leaves.
+
+    ``tree`` is a ``Tree``, or one of ``"balanced"`` (uses ``branching``),
+    ``"huffman"`` (needs ``class_counts``), ``"groups"`` (needs ``groups``) or
+    ``"cifar100"`` (the CIFAR-100 20 x 5 superclass tree; needs ``n_classes == 100``).
+    """
+    if isinstance(tree, Tree):
+        built = tree
+    elif tree == "balanced":
+        built = balanced_tree(n_classes, branching)
+    elif tree == "huffman":
+        if class_counts is None:
+            raise ValueError("tree='huffman' needs class_counts=(K,) class frequencies")
+        built = huffman_tree(class_counts)
+    elif tree == "groups":
+        if groups is None:
+            raise ValueError("tree='groups' needs groups=(K,) group label of every class")
+        built = tree_from_groups(groups)
+    elif tree == "cifar100":
+        from ..data.cifar100_classes import COARSE_OF_FINE
+        built = tree_from_groups(COARSE_OF_FINE)
+    else:
+        raise ValueError("tree must be a Tree or one of 'balanced', 'huffman', 'groups', "
+                         f"'cifar100', got {tree!r}")
+    if built.n_classes != n_classes:
+        raise ValueError(f"tree has {built.n_classes} leaves but the head has "
+                         f"n_classes={n_classes}")
+    return built
+
+
+class HierarchicalSoftmaxHead(Head):
+    """Tree-structured softmax head (see the module docstring for the math).
+
+    Parameters: ``node_W (K - 1, D)`` and ``node_b (K - 1,)``, one row per free child
+    choice; node ``m``'s rows are ``row_offsets[m]:row_offsets[m + 1]``, for its
+    children in order except the last (score 0).
+
+    Args:
+        in_features: D.  n_classes: K.  rng: Generator.  dtype: float32 or float64.
+        tree: a ``Tree`` with K leaves, or ``"balanced"`` (default), ``"huffman"``,
+            ``"groups"``, ``"cifar100"`` (see ``build_tree``).
+        branching: children per node for ``tree="balanced"`` (default 2).
+        class_counts: (K,) frequencies for ``tree="huffman"``.
+        groups: (K,) group labels for ``tree="groups"``.
+    """
+
+    def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, tree="balanced",
+                 branching=2, class_counts=None, groups=None):
+        super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
+        self.tree = build_tree(self.n_classes, tree, branching=branching,
+                               class_counts=class_counts, groups=groups)
+        t = self.tree
+        free_rows = t.arity - 1
+        #: node m's rows are row_offsets[m]:row_offsets[m + 1] (M + 1,)
+        self.row_offsets = np.concatenate([[0], np.cumsum(free_rows)])
+        # Edges that own a row (all but each node's last child), in row order.
+        self._free_edges = np.flatnonzero(t.edge_position < t.arity[t.edge_node] - 1)
+        self._node_position = np.where(t.node_edge >= 0, t.edge_position[t.node_edge], -1)
+        n_rows = self.n_classes - 1
+        self._add_param("node_W", linear_weight(self.rng, self.in_features,
+                                                (n_rows, self.in_features), self.dtype))
+        self._add_param("node_b", np.zeros(n_rows, dtype=self.dtype))
+        self._touched_rows = np.zeros(0, dtype=np.int64)
+        self.row_grads = {}
+
+    # -- training: only the targets' paths ------------------------------------------------
+    def _climb(self, y):
+        """Every decision on the targets' paths, as flat (S,) arrays, sample by sample.
+
+        Returns ``(sample, node, position)``: step s is sample ``sample[s]`` choosing
+        child ``position[s]`` at internal node ``node[s]``; ``sample`` is sorted. The
+        climb goes from every target's leaf to the root, one level per iteration for
+        the whole batch at once (-1 marks samples that already reached the root).
+        """
+        t = self.tree
+        nodes, positions = [t.leaf_parent[y]], [t.leaf_position[y]]
+        while True:
+            current = nodes[-1]
+            has_parent = current > 0  # the root (node 0) has none
+            if not has_parent.any():
+                break
+            safe = np.where(has_parent, current, 0)
+            nodes.append(np.where(has_parent, t.node_parent[safe], -1))
+            positions.append(np.where(has_parent, self._node_position[safe], -1))
+        path_nodes, path_positions = np.stack(nodes, axis=1), np.stack(positions, axis=1)
+        on_path = path_nodes >= 0  # (N, L); row-major nonzero keeps steps sample-major
+        step_sample = np.nonzero(on_path)[0]
+        return step_sample, path_nodes[on_path], path_positions[on_path]
+
+    def _choices(self, step_node):
+        """Expand steps into their node's weight rows (a node has arity - 1 of them).
+
+        Returns ``(step_first (S,), step_of (C,), row (C,))``: the scores of step s are
+        entries ``step_first[s] : step_first[s] + arity - 1``, entry c belongs to step
+        ``step_of[c]`` and uses weight row ``row[c]``.
+        """
+        n_free = self.tree.arity[step_node] - 1
+        step_first = np.cumsum(n_free) - n_free
+        step_of = np.repeat(np.arange(step_node.size), n_free)
+        row = (self.row_offsets[step_node][step_of]
+               + np.arange(step_of.size) - step_first[step_of])
+        return step_first, step_of, row
+
+    def forward(self, h, y):
+        """Mean NLL of ``y (N,)``; touches only the weight rows on the targets' paths."""
+        h, y = self._check_batch(h, y)
+        n_samples = h.shape[0]
+        step_sample, step_node, step_position = self._climb(y)
+        step_first, step_of, row = self._choices(step_node)
+        choice_sample = step_sample[step_of]
+        rows, inverse = np.unique(row, return_inverse=True)
+        weight_rows = self.params["node_W"][rows]  # (U, D): each touched row copied once
+        scores = (np.einsum("cd,cd->c", weight_rows[inverse], h[choice_sample])
+                  + self.params["node_b"][rows][inverse])
+        log_normaliser = _segment_log_normaliser(scores, step_first, step_of)
+        # The target child's score: its row's score, or 0 for the reference (last) child.
+        n_free = self.tree.arity[step_node] - 1
+        chosen = np.flatnonzero(step_position < n_free)
+        chosen_entry = step_first[chosen] + step_position[chosen]
+        loss = (np.sum(log_normaliser, dtype=np.float64)
+                - np.sum(scores[chosen_entry], dtype=np.float64)) / n_samples
+        # d loss / d score = (p(child) - [child is the target]) / N for every score.
+        dscores = np.exp(scores - log_normaliser[step_of])
+        dscores[chosen_entry] -= 1
+        dscores /= n_samples
+        self._cache = (h, choice_sample, rows, inverse, dscores, weight_rows)
+        return float(loss)
+
+    def backward(self):
+        """Returns ``dh (N, D)``; writes the touched rows of ``grads`` and ``row_grads``."""
+        h, choice_sample, rows, inverse, dscores, weight_rows = self._take_cache()
+        n_samples, n_rows = h.shape[0], rows.size
+        # Score c = node_W[rows[u]] . h[i] + node_b[rows[u]] (u = inverse[c], i = sample c)
+        # sends dscore_c * node_W[rows[u]] to dh[i] and dscore_c * h[i] to row u.
+        if n_samples * n_rows <= _DENSE_SCATTER_LIMIT:
+            # Sum them with one small dense matrix: A[i, u] = total dscore of sample i at
+            # touched row u (np.bincount), then two GEMMs. Several times faster than
+            # np.add.at (unbuffered) or np.add.reduceat over rows of a (C, D) array.
+            score_matrix = np.bincount(choice_sample * n_rows + inverse, weights=dscores,
+                                       minlength=n_samples * n_rows)
+            score_matrix = score_matrix.reshape(n_samples, n_rows).astype(self.dtype)
+            dh = score_matrix @ weight_rows
+            dweight_rows = score_matrix.T @ h
+            dbias_rows = score_matrix.sum(axis=0)
+        else:  # a huge batch: A would be big and mostly zeros, so scatter the (C, D) terms
+            dh = np.zeros_like(h)
+            np.add.at(dh, choice_sample, dscores[:, None] * weight_rows[inverse])
+            dweight_rows = np.zeros_like(weight_rows)
+            np.add.at(dweight_rows, inverse, dscores[:, None] * h[choice_sample])
+            dbias_rows = np.bincount(inverse, weights=dscores, minlength=n_rows).astype(self.dtype)
+        grad_W, grad_b = self.grads["node_W"], self.grads["node_b"]
+        grad_W[self._touched_rows] = 0  # only the rows the previous step wrote are non-zero
+        grad_b[self._touched_rows] = 0
+        grad_W[rows] = dweight_rows
+        grad_b[rows] = dbias_rows
+        self._touched_rows = rows
+        self.row_grads = {"node_W": (rows, dweight_rows), "node_b": (rows, dbias_rows)}
+        return dh
+
+    def sparse_sgd_step(self, learning_rate):
+        """Plain SGD on the rows touched by the last ``backward`` only (for huge K).
+
+        ``node_W[rows] -= learning_rate * d node_W[rows]`` (same for ``node_b``): the cost
+        is O(touched rows x D), not O(K D).
+        """
+        if not self.row_grads:
+            raise RuntimeError("sparse_sgd_step() needs a preceding backward()")
+        for name, (rows, values) in self.row_grads.items():
+            self.params[name][rows] -= self.dtype.type(learning_rate) * values
+
+    # -- evaluation: all leaves -----------------------------------------------------------
+    def _edge_scores(self, h):
+        """Score of every edge (N, E): the row's score, 0 for each node's last child."""
+        t = self.tree
+        edge_scores = np.zeros((h.shape[0], t.children.size), dtype=self.dtype)
+        edge_scores[:, self._free_edges] = h @ self.params["node_W"].T + self.params["node_b"]
+        return edge_scores
+
+    def _log_prob_rows(self, h):
+        t = self.tree
+        edge_scores = self._edge_scores(h)
+        node_first = t.child_offsets[:-1]
+        # log-softmax within every node: edges of node m are contiguous (CSR order).
+        # (z - max) - log(sum(exp(z - max))), as in log_softmax.
+        node_max = np.maximum.reduceat(edge_scores, node_first, axis=1)
+        shifted = edge_scores - node_max[:, t.edge_node]
+        log_sum = np.log(np.add.reduceat(np.exp(shifted), node_first, axis=1))
+        edge_log_prob = shifted - log_sum[:, t.edge_node]
+        # log p(node) = log p(parent) + log p(edge into node), one level at a time.
+        node_log_prob = np.zeros((h.shape[0], t.n_internal), dtype=self.dtype)
+        for nodes in t.levels[1:]:
+            node_log_prob[:, nodes] = (node_log_prob[:, t.node_parent[nodes]]
+                                       + edge_log_prob[:, t.node_edge[nodes]])
+        return node_log_prob[:, t.leaf_parent] + edge_log_prob[:, t.leaf_edge]
+
+    def _row_chunks(self, n_samples):
+        step = max(1, _PREDICT_CHUNK_ENTRIES // self.tree.children.size)
+        return [slice(start, start + step) for start in range(0, n_samples, step)]
+
+    def log_prob(self, h):
+        """Exact log-probabilities of all K leaves (N, K); cost O(N D K)."""
+        h = self._check_features(h)
+        return np.concatenate([self._log_prob_rows(h[chunk]) for chunk in self._row_chunks(h.shape[0])])
+
+    def predict(self, h, method="exact"):
+        """Most probable class (N,) int64.
+
+        Args:
+            h: (N, D) features.
+            method: ``"exact"`` (default): ``argmax(log_prob(h))``. ``"greedy"``: descend
+                from the root to the most probable child at every node, O(depth) per
+                sample but APPROXIMATE (it can miss the most probable class).
+        """
+        h = self._check_features(h)
+        if method == "exact":
+            return np.concatenate([np.argmax(self._log_prob_rows(h[chunk]), axis=1)
+                                   for chunk in self._row_chunks(h.shape[0])])
+        if method == "greedy":
+            return self._predict_greedy(h)
+        raise ValueError(f"method must be 'exact' or 'greedy', got {method!r}")
+
+    def _predict_greedy(self, h):
+        t = self.tree
+        prediction = np.empty(h.shape[0], dtype=np.int64)
+        samples = np.arange(h.shape[0])
+        nodes = np.zeros(h.shape[0], dtype=np.int64)
+        while samples.size:
+            step_first, step_of, row = self._choices(nodes)
+            scores = (np.einsum("cd,cd->c", self.params["node_W"][row], h[samples[step_of]])
+                      + self.params["node_b"][row])
+            best_score = np.maximum.reduceat(scores, step_first)
+            # First child with the best score (argmax's tie rule); the reference child's
+            # score 0 wins only if it is strictly larger than all the others.
+            local = np.arange(scores.size) - step_first[step_of]
+            candidate = np.where(scores == best_score[step_of], local, np.iinfo(np.int64).max)
+            position = np.minimum.reduceat(candidate, step_first)
+            position = np.where(best_score < 0, t.arity[nodes] - 1, position)
+            child = t.children[t.child_offsets[nodes] + position]
+            is_leaf = child < 0
+            prediction[samples[is_leaf]] = ~child[is_leaf]
+            samples, nodes = samples[~is_leaf], child[~is_leaf]
+        return prediction
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", tree={self.tree!r})"
