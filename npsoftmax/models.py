@@ -1,0 +1,177 @@
+"""Models: a CNN body that turns images into features, and a classifier = body + head.
+
+The default body for 32x32x3 CIFAR images (any square input whose side is
+divisible by 8 works, e.g. 8x8x1 digits)::
+
+    x (N, C, S, S)
+      -> [Conv2d 3x3 pad 1 -> BatchNorm2d -> ReLU -> MaxPool2d 2]  x 3   widths (32, 64, 128)
+      -> Flatten                                  (N, 128 * (S/8)^2)
+      -> Linear -> ReLU                           h (N, feature_dim=256)
+      -> head (softmax | gumbel | hierarchical | adaptive) -> loss / log-probabilities (N, K)
+
+Each conv block halves the spatial size; batch norm can be switched off
+(``batch_norm=False``) for the plain variant used in benchmarks.
+"""
+
+import time
+
+import numpy as np
+
+from .heads import make_head
+from .layers import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+DEFAULT_WIDTHS = (32, 64, 128)
+DEFAULT_FEATURE_DIM = 256
+
+
+def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True,
+             rng, dtype=np.float32):
+    """Build the conv body.
+
+    Parameters
+    ----------
+    image_shape : tuple (C, H, W)
+        One input image, channels first. H and W must be divisible by 2**len(widths).
+    widths : sequence of int
+        Output channels of each conv block.
+    feature_dim : int
+        D, the size of the feature vector ``h`` handed to the head.
+    batch_norm : bool
+    rng : numpy.random.Generator
+    dtype : float32 (training) or float64 (gradient checks)
+
+    Returns
+    -------
+    body : Sequential, mapping (N, C, H, W) -> (N, feature_dim)
+    """
+    channels, height, width = (int(size) for size in image_shape)
+    downsample = 2 ** len(widths)
+    if height % downsample or width % downsample:
+        raise ValueError(
+            f"image_shape {tuple(image_shape)}: height and width must be divisible by "
+            f"2**len(widths) = {downsample} (one 2x2 max pool per conv block)"
+        )
+    modules = []
+    in_channels = channels
+    for out_channels in widths:
+        # Batch norm subtracts the per-channel mean, which cancels a conv bias exactly
+        # (its gradient is 0), so the conv has a bias only when there is no batch norm.
+        modules.append(Conv2d(in_channels, out_channels, 3, pad=1, rng=rng, dtype=dtype, bias=not batch_norm))
+        if batch_norm:
+            modules.append(BatchNorm2d(out_channels, dtype=dtype))
+        modules += [ReLU(), MaxPool2d(2)]
+        in_channels = out_channels
+    flat = in_channels * (height // downsample) * (width // downsample)
+    modules += [Flatten(), Linear(flat, feature_dim, rng=rng, dtype=dtype), ReLU()]
+    return Sequential(*modules)
+
+
+class Classifier:
+    """A body (images -> features) followed by a head (features -> class log-probabilities).
+
+    Parameters are exposed under ``"body.<name>"`` and ``"head.<name>"`` in one
+    ``params`` dict of live arrays (what the optimizer updates), with matching
+    ``grads`` and ``buffers`` (batch-norm running statistics).
+
+    The classifier also times its head: ``head_seconds`` accumulates the wall time
+    spent in the head's forward and backward, which the trainer reports per epoch.
+    """
+
+    def __init__(self, body, head):
+        self.body = body
+        self.head = head
+        self.head_seconds = 0.0
+        self.training = True
+
+    # -- parameter protocol ------------------------------------------------------
+    @staticmethod
+    def _prefixed(prefix, mapping):
+        return {f"{prefix}.{name}": value for name, value in mapping.items()}
+
+    @property
+    def params(self):
+        """dict name -> live parameter array."""
+        return {**self._prefixed("body", self.body.params), **self._prefixed("head", self.head.params)}
+
+    @property
+    def grads(self):
+        """dict name -> gradient of the last ``backward``, same keys as ``params``."""
+        return {**self._prefixed("body", self.body.grads), **self._prefixed("head", self.head.grads)}
+
+    @property
+    def buffers(self):
+        """dict name -> live non-trainable state (e.g. batch-norm running statistics)."""
+        return {
+            **self._prefixed("body", self.body.buffers),
+            **self._prefixed("head", getattr(self.head, "buffers", {})),
+        }
+
+    def train(self):
+        self.training = True
+        self.body.train()
+        self.head.train()
+        return self
+
+    def eval(self):
+        self.training = False
+        self.body.eval()
+        self.head.eval()
+        return self
+
+    # -- computation -------------------------------------------------------------
+    def forward(self, x, y):
+        """x (N, C, H, W), y (N,) int -> mean negative log-likelihood (float)."""
+        return self.head_forward(self.body.forward(x), y)
+
+    def head_forward(self, features, y):
+        """features h (N, D), y (N,) -> the head's loss, timed into ``head_seconds``."""
+        start = time.perf_counter()
+        loss = self.head.forward(features, y)
+        self.head_seconds += time.perf_counter() - start
+        return loss
+
+    def backward(self):
+        """Back-propagate the last ``forward``'s loss; fills ``grads``. Returns dx (N, C, H, W)."""
+        start = time.perf_counter()
+        dh = self.head.backward()
+        self.head_seconds += time.perf_counter() - start
+        return self.body.backward(dh)
+
+    def log_prob(self, x):
+        """x (N, C, H, W) -> exact log-probabilities (N, K)."""
+        features = self.body.forward(x)
+        start = time.perf_counter()
+        log_probs = self.head.log_prob(features)
+        self.head_seconds += time.perf_counter() - start
+        return log_probs
+
+    def predict(self, x):
+        """x (N, C, H, W) -> (N,) predicted class: the exact argmax of ``log_prob``."""
+        return self.head.predict(self.body.forward(x))
+
+
+def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, widths=DEFAULT_WIDTHS,
+                feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True, head_options=None):
+    """The default CNN ending in the registered head ``head_name``.
+
+    Parameters
+    ----------
+    head_name : str
+        One of ``npsoftmax.heads.HEADS`` ("softmax", "gumbel", "hierarchical", "adaptive").
+    n_classes : int
+        K.
+    image_shape : tuple (C, H, W)
+    head_options : dict, optional
+        Extra keyword arguments for the head (``tau``, ``cutoffs``, ``tree`` ...).
+
+    Returns
+    -------
+    Classifier
+    """
+    # Separate streams: the body's initial weights do not depend on which head follows it,
+    # so runs that differ only in the head start from the same body.
+    body_rng, head_rng = rng.spawn(2)
+    body = cnn_body(image_shape, widths=widths, feature_dim=feature_dim, batch_norm=batch_norm, rng=body_rng,
+                    dtype=dtype)
+    head = make_head(head_name, feature_dim, n_classes, rng=head_rng, dtype=dtype, **(head_options or {}))
+    return Classifier(body, head)
