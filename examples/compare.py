@@ -80,7 +80,7 @@ def main(argv=None):
 
     from npsoftmax.plots import plot_head_comparison
 
-    out_dir = os.path.join(own.runs_root, "compare")
+    out_dir = os.path.join(args.runs_root, "compare")
     os.makedirs(out_dir, exist_ok=True)
     results = {head: history[-1] for head, history in histories.items()}
     bars = plot_head_comparison(results, os.path.join(out_dir, "heads.png"),

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled im2col / col2im kernels (see ``npsoftmax/im2col.py`` for the layout).
 
-Both kernels give one image to each OpenMP thread (``prange`` over the batch):
+Both kernels give one image at a time to each OpenMP thread (``prange`` over the batch):
 image ``n`` owns columns ``n*OH*OW ... (n+1)*OH*OW - 1`` of ``cols`` and its own
 slice of ``x``, so threads never write the same memory and col2im needs no atomics.
 
@@ -12,6 +12,7 @@ dispatch in ``im2col.py``) validate shapes and pass C-contiguous arrays.
 
 import numpy as np
 from cython.parallel cimport prange
+from libc.string cimport memcpy
 
 ctypedef fused floating_t:
     float
@@ -61,7 +62,7 @@ def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kern
     cdef Py_ssize_t n, c, i, j, oh, ow, row, column, h, w0, ow_start, ow_end
     cdef floating_t* destination
     cdef const floating_t* source
-    for n in prange(N, nogil=True, schedule="static"):
+    for n in prange(N, nogil=True, schedule="dynamic"):
         for c in range(C):
             for i in range(kernel_height):
                 for j in range(kernel_width):
@@ -103,7 +104,7 @@ def col2im(floating_t[:, ::1] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py
     out = np.zeros((N, C, H, W), dtype=dtype)
     cdef floating_t[:, :, :, ::1] x = out
     cdef Py_ssize_t n, c, i, j, oh, ow, row, column, h, w0, ow_start, ow_end
-    for n in prange(N, nogil=True, schedule="static"):
+    for n in prange(N, nogil=True, schedule="dynamic"):
         for c in range(C):
             for i in range(kernel_height):
                 for j in range(kernel_width):
@@ -119,3 +120,338 @@ def col2im(floating_t[:, ::1] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py
                         for ow in range(ow_start, ow_end):
                             x[n, c, h, ow * stride + w0] += cols[row, column + ow]
     return out
+
+
+# ----------------------------------------------------------------------------
+# Max pooling over windows that tile the input (stride == size)
+#
+# The elementwise kernels below share one shape: ``prange`` over independent
+# blocks (planes, rows, chunks), and a plain C loop over raw pointers inside,
+# written without data-dependent branches (a select, not an ``if``): on random
+# activations a branch is mispredicted half the time, which costs more than
+# the memory traffic.
+#
+# Scheduling is "dynamic": threads take tasks of about CHUNK elements from a
+# shared counter as they become free. With a static split, a thread that the OS
+# has parked (another process on the core, or OpenBLAS threads still spinning
+# after a GEMM) holds up the whole loop until it runs again, which on a busy
+# 2-core machine made these loops ten times slower.
+# ----------------------------------------------------------------------------
+cdef enum:
+    CHUNK = 16384  # elements per parallel task of the elementwise loops (64 KiB of float32)
+
+
+cdef inline Py_ssize_t _rows_per_task(Py_ssize_t row_length) noexcept nogil:
+    """How many rows of ``row_length`` elements make one task of about CHUNK elements."""
+    return CHUNK // row_length if row_length < CHUNK else 1
+
+
+cdef inline void _max_pool_output_row(const floating_t* x, Py_ssize_t W, Py_ssize_t size, Py_ssize_t OW,
+                                      floating_t* out, int* argmax) noexcept nogil:
+    """One output row: x points at the first of the ``size`` input rows it covers."""
+    cdef Py_ssize_t ow, i, j, k
+    cdef const floating_t* corner
+    cdef floating_t best, value
+    cdef int best_index, take
+    cdef bint nan_seen
+    for ow in range(OW):
+        corner = x + ow * size
+        best = corner[0]
+        best_index = 0
+        nan_seen = False
+        for i in range(size):
+            for j in range(size):
+                value = corner[i * W + j]
+                # Strictly greater keeps the first maximum. Written as arithmetic on the
+                # comparison (0 or 1) and a "value > best ? value : best" (one maxss
+                # instruction), so the compiler emits no branch to mispredict.
+                take = value > best
+                best_index += take * (<int>(i * size + j) - best_index)
+                best = value if value > best else best
+                nan_seen = nan_seen | (value != value)
+        if nan_seen:
+            # Rare, so this branch is predicted: the first NaN is the max (numpy.argmax).
+            for k in range(size * size - 1, -1, -1):
+                value = corner[(k // size) * W + k % size]
+                if value != value:
+                    best_index = <int>k
+                    best = value
+        out[ow] = best
+        argmax[ow] = best_index
+
+
+cdef inline bint _max_pool_2x2_output_row(const floating_t* top, const floating_t* bottom, Py_ssize_t OW,
+                                          floating_t* out, int* argmax) noexcept nogil:
+    """The common 2x2 case of one output row, as a tournament the compiler vectorises
+    across ``ow``: max(a, b) and max(c, d), then the larger of the two. Every
+    comparison is strict, so ties keep the earlier element, as the sequential scan
+    does. Returns True if the rows held a NaN (the caller then redoes the row with
+    the general loop, which follows numpy.argmax for NaN)."""
+    cdef Py_ssize_t ow
+    cdef floating_t a, b, c, d, top_best, bottom_best
+    cdef int top_index, bottom_index, take
+    cdef bint nan_seen = False
+    for ow in range(OW):
+        a = top[2 * ow]
+        b = top[2 * ow + 1]
+        c = bottom[2 * ow]
+        d = bottom[2 * ow + 1]
+        nan_seen = nan_seen | (a != a) | (b != b) | (c != c) | (d != d)
+        top_index = b > a
+        top_best = b if b > a else a
+        bottom_index = 2 + (d > c)
+        bottom_best = d if d > c else c
+        take = bottom_best > top_best
+        out[ow] = bottom_best if bottom_best > top_best else top_best
+        argmax[ow] = top_index + take * (bottom_index - top_index)
+    return nan_seen
+
+
+def max_pool_tiled_forward(floating_t[:, :, ::1] x, Py_ssize_t size, floating_t[:, :, ::1] out,
+                           int[:, :, ::1] argmax):
+    """x (P, H, W) planes (P = N*C), H and W multiples of ``size`` -> fills
+    out (P, H/size, W/size) with each window's max and argmax with its index
+    ``i*size + j`` inside the window (the first maximum in row-major order; a NaN
+    counts as the maximum, as in ``numpy.argmax``)."""
+    cdef Py_ssize_t P = x.shape[0], W = x.shape[2], OH = out.shape[1], OW = out.shape[2]
+    cdef Py_ssize_t row, p, oh
+    for row in prange(P * OH, nogil=True, schedule="dynamic", chunksize=_rows_per_task(size * W)):
+        p = row // OH
+        oh = row - p * OH
+        if size != 2 or _max_pool_2x2_output_row(&x[p, 2 * oh, 0], &x[p, 2 * oh + 1, 0], OW, &out[p, oh, 0],
+                                                 &argmax[p, oh, 0]):
+            _max_pool_output_row(&x[p, oh * size, 0], W, size, OW, &out[p, oh, 0], &argmax[p, oh, 0])
+
+
+cdef inline void _max_pool_gradient_band(const floating_t* dout, const int* argmax, Py_ssize_t size,
+                                         Py_ssize_t OW, Py_ssize_t W, floating_t* dx) noexcept nogil:
+    """One band of ``size`` rows of dx under one output row: zero it, then put each
+    window's gradient at its argmax (a store at a computed address, no branch)."""
+    cdef Py_ssize_t k, ow
+    cdef int offset
+    for k in range(size * W):
+        dx[k] = 0
+    for ow in range(OW):
+        offset = argmax[ow]
+        dx[(offset // size) * W + ow * size + offset % size] = dout[ow]
+
+
+def max_pool_tiled_backward(floating_t[:, :, ::1] dout, int[:, :, ::1] argmax, Py_ssize_t size,
+                            floating_t[:, :, ::1] dx):
+    """dout, argmax (P, OH, OW) -> fills dx (P, OH*size, OW*size): each window's
+    gradient goes to its argmax, the other elements get 0. The windows tile dx,
+    so each band of rows is finished by one thread (no atomics, no second pass)."""
+    cdef Py_ssize_t P = dout.shape[0], OH = dout.shape[1], OW = dout.shape[2], W = dx.shape[2]
+    cdef Py_ssize_t row, p, oh
+    for row in prange(P * OH, nogil=True, schedule="dynamic", chunksize=_rows_per_task(size * W)):
+        p = row // OH
+        oh = row - p * OH
+        _max_pool_gradient_band(&dout[p, oh, 0], &argmax[p, oh, 0], size, OW, W, &dx[p, oh * size, 0])
+
+
+# ----------------------------------------------------------------------------
+# ReLU backward
+# ----------------------------------------------------------------------------
+cdef inline void _relu_backward_run(const floating_t* dout, const floating_t* x, floating_t* dx,
+                                    Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating_t gradient, value
+    for i in range(n):
+        gradient = dout[i]
+        value = x[i]
+        dx[i] = gradient if value > 0 else 0
+
+
+def relu_backward(floating_t[::1] dout, floating_t[::1] x, floating_t[::1] dx):
+    """Flat arrays of one length: dx = dout where x > 0, else 0 (also for NaN x)."""
+    cdef Py_ssize_t n = x.shape[0], chunk, start
+    for chunk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule="dynamic"):
+        start = chunk * CHUNK
+        _relu_backward_run(&dout[start], &x[start], &dx[start], min(CHUNK, n - start))
+
+
+# ----------------------------------------------------------------------------
+# Batch norm over (N, L) per channel, arrays viewed as (N, C, L), L = H*W
+# ----------------------------------------------------------------------------
+# Per-channel sums in double over LANES independent accumulators: lane k sums
+# elements k, k + LANES, k + 2*LANES, ... The lanes never depend on each other,
+# so the compiler turns the fixed-size inner loop into vector adds (reordering a
+# single floating-point sum is not allowed without -ffast-math), and the result
+# is accurate (double) even for a million float32 values.
+cdef enum:
+    LANES = 8
+
+
+cdef inline double _channel_sum(floating_t[:, :, ::1] a, Py_ssize_t c, double shift) noexcept nogil:
+    """sum over n, l of (a[n, c, l] - shift)."""
+    cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
+    cdef double lanes[LANES]
+    cdef const floating_t* row
+    for k in range(LANES):
+        lanes[k] = 0
+    for n in range(N):
+        row = &a[n, c, 0]
+        l = 0
+        while l + LANES <= L:
+            for k in range(LANES):
+                lanes[k] += <double>row[l + k] - shift
+            l += LANES
+        while l < L:
+            lanes[0] += <double>row[l] - shift
+            l += 1
+    return _total(lanes)
+
+
+cdef inline double _channel_sum_of_squares(floating_t[:, :, ::1] a, Py_ssize_t c, double shift) noexcept nogil:
+    """sum over n, l of (a[n, c, l] - shift)**2."""
+    cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
+    cdef double lanes[LANES]
+    cdef double deviation
+    cdef const floating_t* row
+    for k in range(LANES):
+        lanes[k] = 0
+    for n in range(N):
+        row = &a[n, c, 0]
+        l = 0
+        while l + LANES <= L:
+            for k in range(LANES):
+                deviation = <double>row[l + k] - shift
+                lanes[k] += deviation * deviation
+            l += LANES
+        while l < L:
+            deviation = <double>row[l] - shift
+            lanes[0] += deviation * deviation
+            l += 1
+    return _total(lanes)
+
+
+cdef inline double _channel_dot(floating_t[:, :, ::1] a, floating_t[:, :, ::1] b, Py_ssize_t c) noexcept nogil:
+    """sum over n, l of a[n, c, l] * b[n, c, l]."""
+    cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
+    cdef double lanes[LANES]
+    cdef const floating_t* row_a
+    cdef const floating_t* row_b
+    for k in range(LANES):
+        lanes[k] = 0
+    for n in range(N):
+        row_a = &a[n, c, 0]
+        row_b = &b[n, c, 0]
+        l = 0
+        while l + LANES <= L:
+            for k in range(LANES):
+                lanes[k] += <double>row_a[l + k] * <double>row_b[l + k]
+            l += LANES
+        while l < L:
+            lanes[0] += <double>row_a[l] * <double>row_b[l]
+            l += 1
+    return _total(lanes)
+
+
+cdef inline double _total(double* lanes) noexcept nogil:
+    """Pairwise sum of the LANES accumulators."""
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+
+
+def batchnorm_statistics(floating_t[:, :, ::1] x, floating_t[::1] mean, floating_t[::1] var):
+    """x (N, C, L) -> fills mean (C,) and the biased variance var (C,) over (N, L).
+
+    Two passes per channel (mean, then the mean squared deviation from it),
+    accumulated in double: no cancellation as in E[x^2] - E[x]^2. One thread
+    per channel; the channel's N*L values are reread from cache, not memory.
+    """
+    cdef Py_ssize_t C = x.shape[1], c
+    cdef double count = <double>x.shape[0] * x.shape[2], channel_mean
+    for c in prange(C, nogil=True, schedule="dynamic"):
+        channel_mean = _channel_sum(x, c, 0.0) / count
+        mean[c] = <floating_t>channel_mean
+        var[c] = <floating_t>(_channel_sum_of_squares(x, c, channel_mean) / count)
+
+
+cdef inline void _normalize_run(const floating_t* x, floating_t mean, floating_t inv_std, floating_t gamma,
+                                floating_t beta, floating_t* xhat, floating_t* out, Py_ssize_t L) noexcept nogil:
+    cdef Py_ssize_t l
+    cdef floating_t normalized
+    for l in range(L):
+        normalized = (x[l] - mean) * inv_std
+        xhat[l] = normalized
+        out[l] = gamma * normalized + beta
+
+
+def batchnorm_normalize(floating_t[:, :, ::1] x, floating_t[::1] mean, floating_t[::1] inv_std,
+                        floating_t[::1] gamma, floating_t[::1] beta, floating_t[:, :, ::1] xhat,
+                        floating_t[:, :, ::1] out):
+    """x (N, C, L) -> fills xhat = (x - mean) * inv_std and out = gamma * xhat + beta (per channel)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2], row, n, c
+    for row in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
+        n = row // C
+        c = row - n * C
+        _normalize_run(&x[n, c, 0], mean[c], inv_std[c], gamma[c], beta[c], &xhat[n, c, 0], &out[n, c, 0], L)
+
+
+cdef inline void _batchnorm_gradient_run(const floating_t* dout, const floating_t* xhat, floating_t scale,
+                                         bint training, floating_t mean_dout, floating_t mean_dout_xhat,
+                                         floating_t* dx, Py_ssize_t L) noexcept nogil:
+    cdef Py_ssize_t l
+    if training:
+        for l in range(L):
+            dx[l] = scale * (dout[l] - mean_dout - xhat[l] * mean_dout_xhat)
+    else:
+        for l in range(L):
+            dx[l] = scale * dout[l]
+
+
+def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] xhat, floating_t[::1] gamma,
+                       floating_t[::1] inv_std, bint training, floating_t[:, :, ::1] dx,
+                       floating_t[::1] dgamma, floating_t[::1] dbeta):
+    """dout, xhat (N, C, L) -> fills dx (N, C, L), dgamma and dbeta (C,).
+
+    dbeta = sum dout, dgamma = sum dout * xhat (over N and L). In training
+    (M = N*L values per channel, see ``functional.batchnorm_backward``)::
+
+        dx = gamma * inv_std * (dout - dbeta / M - xhat * dgamma / M)
+
+    and in eval, where mean and inv_std are constants, dx = gamma * inv_std * dout.
+    """
+    cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], L = dout.shape[2], row, n, c
+    cdef double count = <double>N * L
+    cdef double[::1] sum_dout = np.empty(C), sum_dout_xhat = np.empty(C)
+    for c in prange(C, nogil=True, schedule="dynamic"):
+        sum_dout[c] = _channel_sum(dout, c, 0.0)
+        sum_dout_xhat[c] = _channel_dot(dout, xhat, c)
+        dbeta[c] = <floating_t>sum_dout[c]
+        dgamma[c] = <floating_t>sum_dout_xhat[c]
+    for row in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
+        n = row // C
+        c = row - n * C
+        _batchnorm_gradient_run(
+            &dout[n, c, 0], &xhat[n, c, 0], gamma[c] * inv_std[c], training,
+            <floating_t>(sum_dout[c] / count), <floating_t>(sum_dout_xhat[c] / count), &dx[n, c, 0], L,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Layout change around the conv GEMM
+# ----------------------------------------------------------------------------
+def swap_leading_axes(floating_t[:, :, ::1] source, floating_t[:, :, ::1] destination,
+                      floating_t[::1] bias=None):
+    """source (A, B, L) -> destination (B, A, L): destination[b, a, :] = source[a, b, :] (+ bias[a]).
+
+    Each (a, b) pair is a contiguous run of L values in both arrays, so this is
+    A*B short memcpy-like loops, one destination block per thread; the optional
+    bias add rides along instead of costing its own pass over memory.
+    """
+    cdef Py_ssize_t A = source.shape[0], B = source.shape[1], L = source.shape[2], a, b, l
+    cdef bint has_bias = bias is not None
+    cdef floating_t shift
+    cdef floating_t* target
+    cdef const floating_t* origin
+    for b in prange(B, nogil=True, schedule="dynamic", chunksize=_rows_per_task(A * L)):
+        for a in range(A):
+            target = &destination[b, a, 0]
+            origin = &source[a, b, 0]
+            if has_bias:
+                shift = bias[a]
+                for l in range(L):
+                    target[l] = origin[l] + shift
+            else:
+                memcpy(target, origin, L * sizeof(floating_t))

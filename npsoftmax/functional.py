@@ -21,7 +21,9 @@ import numbers
 
 import numpy as np
 
+from . import im2col as kernels
 from .im2col import col2im, conv_output_size, im2col
+from .profiler import section
 
 __all__ = [
     "affine_forward",
@@ -89,6 +91,18 @@ def _check_int(name, value, minimum):
         qualifier = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {qualifier}, got {value}")
     return int(value)
+
+
+def _check_buffer(name, buffer, shape, dtype):
+    """An optional output buffer must be a C-contiguous ndarray of exactly this shape and dtype."""
+    if buffer is None:
+        return
+    _require_array(name, buffer)
+    if buffer.shape != tuple(shape) or buffer.dtype != dtype or not buffer.flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}, got "
+            f"{'C-contiguous' if buffer.flags.c_contiguous else 'non-contiguous'} {buffer.dtype} {buffer.shape}"
+        )
 
 
 def _check_kernel_fits(x_shape, kernel_height, kernel_width, pad, kernel_source):
@@ -178,13 +192,14 @@ def relu_backward(dout, cache):
     """
     x = cache
     _check_upstream(dout, x.shape, x.dtype)
-    return np.where(x > 0, dout, 0)
+    # One pass over dout and x (compiled), instead of a boolean temporary and a select.
+    return kernels.relu_backward(dout, x)
 
 
 # ----------------------------------------------------------------------------
 # Convolution: im2col + one GEMM
 # ----------------------------------------------------------------------------
-def conv_forward(x, w, b, stride=1, pad=0):
+def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
     """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product.
 
     Parameters
@@ -194,6 +209,11 @@ def conv_forward(x, w, b, stride=1, pad=0):
     b : ndarray (F,) or None (no bias)
     stride : int >= 1
     pad : int >= 0, zeros added on every side
+    cols_out : ndarray (C*KH*KW, N*OH*OW), optional
+        C-contiguous buffer (dtype of ``x``) that im2col overwrites instead of
+        allocating; the cache refers to it, so the caller must not reuse it
+        before the matching backward. ``Conv2d`` passes the same buffer every
+        step: a fresh allocation of tens of MiB costs page faults every call.
 
     Returns
     -------
@@ -220,24 +240,32 @@ def conv_forward(x, w, b, stride=1, pad=0):
     OW = conv_output_size(x.shape[3], KW, stride, pad)
 
     # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
-    cols = im2col(np.ascontiguousarray(x), KH, KW, stride, pad)
-    # The whole convolution is one GEMM: (F, C*KH*KW) @ (C*KH*KW, N*OH*OW).
-    out_rows = w.reshape(F, -1) @ cols
     if b is not None:
         _require_shape("b", b, (F,))
         _require_same_dtype("b", b, "w", w)
-        out_rows += b[:, None]
-    # Columns are ordered (n, oh, ow): reshape to (F, N, OH, OW) and move F after N.
-    out = np.ascontiguousarray(out_rows.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))
+    _check_buffer("cols_out", cols_out, (w[0].size, N * OH * OW), x.dtype)
+    with section("im2col"):
+        cols = im2col(np.ascontiguousarray(x), KH, KW, stride, pad, out=cols_out)
+    # The whole convolution is one GEMM: (F, C*KH*KW) @ (C*KH*KW, N*OH*OW).
+    with section("conv GEMM"):
+        out_rows = w.reshape(F, -1) @ cols
+    # Columns are ordered (n, oh, ow): out_rows is (F, N, OH*OW); move F after N
+    # (and add the bias on the way, instead of a separate pass over the output).
+    out = np.empty((N, F, OH, OW), dtype=x.dtype)
+    kernels.swap_leading_axes(out_rows.reshape(F, N, OH * OW), out.reshape(N, F, OH * OW), b)
     return out, (x.shape, cols, w, stride, pad, b is not None)
 
 
-def conv_backward(dout, cache):
+def conv_backward(dout, cache, *, dcols_out=None):
     """Backward pass of :func:`conv_forward`.
 
     Parameters
     ----------
     dout : ndarray (N, F, OH, OW)
+    dcols_out : ndarray (C*KH*KW, N*OH*OW), optional
+        C-contiguous scratch buffer (dtype of ``dout``) for the gradient of the
+        columns; overwritten, and not needed after the call. Must not be the
+        cache's ``cols`` buffer.
 
     Returns
     -------
@@ -251,14 +279,21 @@ def conv_backward(dout, cache):
     OH = conv_output_size(x_shape[2], KH, stride, pad)
     OW = conv_output_size(x_shape[3], KW, stride, pad)
     _check_upstream(dout, (N, F, OH, OW), w.dtype)
+    _check_buffer("dcols_out", dcols_out, cols.shape, cols.dtype)
+    if dcols_out is not None and np.may_share_memory(dcols_out, cols):
+        raise ValueError("dcols_out must not overlap the cached cols (dw still needs them)")
     # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
-    dout_rows = dout.transpose(1, 0, 2, 3).reshape(F, N * OH * OW)
+    dout_rows = np.empty((F, N * OH * OW), dtype=dout.dtype)
+    kernels.swap_leading_axes(dout.reshape(N, F, OH * OW), dout_rows.reshape(F, N, OH * OW))
     # out_rows = w_rows @ cols + b  =>  dw_rows = dout_rows @ cols^T, dcols = w_rows^T @ dout_rows.
-    dw = (dout_rows @ cols.T).reshape(w.shape)
-    dcols = w.reshape(F, -1).T @ dout_rows
+    # (cols.T is a transposed view: BLAS reads it in place, nothing is copied.)
+    with section("conv GEMM"):
+        dw = (dout_rows @ cols.T).reshape(w.shape)
+        dcols = np.matmul(w.reshape(F, -1).T, dout_rows, out=dcols_out)
     # col2im is the adjoint of im2col: it adds each column entry back to the pixel
     # it was copied from, so a pixel seen by several windows sums their gradients.
-    dx = col2im(np.ascontiguousarray(dcols), x_shape, KH, KW, stride, pad)
+    with section("col2im"):
+        dx = col2im(np.ascontiguousarray(dcols), x_shape, KH, KW, stride, pad)
     db = dout_rows.sum(axis=1) if has_bias else None
     return dx, dw, db
 
@@ -302,12 +337,11 @@ def max_pool_forward_reshape(x, size):
             f"max_pool_forward_reshape needs windows that tile the input: size={size} does not "
             f"divide the spatial size {(H, W)} of x shape {x.shape}; use max_pool_forward"
         )
-    OH, OW = H // size, W // size
-    # windows[n, c, oh, ow, i*size + j] = x[n, c, oh*size + i, ow*size + j]
-    windows = x.reshape(N, C, OH, size, OW, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, OH, OW, size * size)
-    # argmax returns the first maximum in row-major window order, the element PyTorch picks.
-    argmax = windows.argmax(axis=-1)
-    out = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    # Viewed as (N, C, H/size, size, W/size, size), every window is a block of the
+    # array (im2col.max_pool_tiled_forward_numpy does exactly that); the compiled
+    # kernel runs the same loop over the blocks, one plane per thread. The argmax
+    # is the first maximum in row-major window order, the element PyTorch picks.
+    out, argmax = kernels.max_pool_tiled_forward(x, size)
     return out, ("reshape", x.shape, x.dtype, size, size, argmax)
 
 
@@ -385,9 +419,8 @@ def max_pool_backward(dout, cache):
     OW = conv_output_size(W, size, stride, 0)
     _check_upstream(dout, (N, C, OH, OW), dtype)
     if path == "reshape":
-        dwindows = np.zeros((N, C, OH, OW, size * size), dtype=dout.dtype)
-        np.put_along_axis(dwindows, argmax[..., None], dout[..., None], axis=-1)
-        return dwindows.reshape(N, C, OH, OW, size, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, H, W)
+        # Windows tile the input: every pixel belongs to one window, so one write per pixel.
+        return kernels.max_pool_tiled_backward(dout, argmax, size)
     dcols = np.zeros((size * size, N * C * OH * OW), dtype=dout.dtype)
     dcols[argmax, np.arange(dcols.shape[1])] = dout.reshape(-1)
     # col2im sums the columns back into the image: overlapping windows accumulate.
@@ -521,18 +554,27 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
     cache : for :func:`spatial_batchnorm_backward`
     """
     _require_ndim("x", x, 4, "(N, C, H, W)")
-    # Check here too, so that messages quote the 4-D shape the caller passed.
-    _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
+    momentum, eps = _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
     N, C, H, W = x.shape
-    if training and N * H * W < 2:
+    count = N * H * W
+    if training and count < 2:
         raise ValueError(
             f"batch norm in training mode needs more than one value per channel (N*H*W > 1), got x shape {x.shape}"
         )
-    # Move channels last so every (n, h, w) position becomes one row of a (N*H*W, C) batch.
-    rows = x.transpose(0, 2, 3, 1).reshape(N * H * W, C)
-    out_rows, cache = batchnorm_forward(rows, gamma, beta, running_mean, running_var, training, momentum, eps)
-    out = np.ascontiguousarray(out_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
-    return out, (x.shape, cache)
+    # The same formulas as batchnorm_forward with one "feature" per channel and
+    # N*H*W values each; the kernels work on NCHW directly (one channel's values
+    # are N contiguous runs of H*W), so no transpose to (N*H*W, C) rows and back.
+    if training:
+        mean, var = kernels.batchnorm_statistics(x)
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+        running_var *= 1.0 - momentum
+        running_var += momentum * (var * (count / (count - 1)))  # unbiased, as PyTorch
+    else:
+        mean, var = running_mean, running_var
+    inv_std = 1.0 / np.sqrt(var + eps)
+    out, xhat = kernels.batchnorm_normalize(x, mean, inv_std, gamma, beta)
+    return out, (xhat, gamma, inv_std, bool(training))
 
 
 def spatial_batchnorm_backward(dout, cache):
@@ -547,13 +589,10 @@ def spatial_batchnorm_backward(dout, cache):
     dx : ndarray (N, C, H, W)
     dgamma, dbeta : ndarray (C,)
     """
-    x_shape, rows_cache = cache
-    _check_upstream(dout, x_shape, rows_cache[0].dtype)
-    N, C, H, W = x_shape
-    dout_rows = dout.transpose(0, 2, 3, 1).reshape(N * H * W, C)
-    dx_rows, dgamma, dbeta = batchnorm_backward(dout_rows, rows_cache)
-    dx = np.ascontiguousarray(dx_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
-    return dx, dgamma, dbeta
+    xhat, gamma, inv_std, training = cache
+    _check_upstream(dout, xhat.shape, xhat.dtype)
+    # batchnorm_backward's compact formula, per channel over (N, H, W).
+    return kernels.batchnorm_backward(dout, xhat, gamma, inv_std, training)
 
 
 # ----------------------------------------------------------------------------

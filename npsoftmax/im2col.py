@@ -210,3 +210,197 @@ def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0):
     return _extension.col2im(
         np.ascontiguousarray(cols), N, C, H, W, kernel_height, kernel_width, stride, pad
     )
+
+
+# ----------------------------------------------------------------------------
+# The other compiled loops of a training step: max pooling, ReLU, batch norm.
+# Same pattern: a NumPy reference that states the math, and a dispatch that
+# runs the Cython kernel when it is built. Callers (functional.py) validate
+# arguments; these functions only check what the kernels rely on.
+# ----------------------------------------------------------------------------
+def _planes(array):
+    """View a C-contiguous (N, C, H, W) array as (N*C, H, W) planes (copies only if not contiguous)."""
+    array = np.ascontiguousarray(array)
+    return array.reshape(-1, *array.shape[2:])
+
+
+def max_pool_tiled_forward_numpy(x, size):
+    """NumPy reference for windows that tile the input (stride == size, H and W multiples of size).
+
+    x (N, C, H, W) -> out (N, C, H/size, W/size), argmax (N, C, H/size, W/size)
+    int32, the index ``i*size + j`` of each window's first maximum.
+    """
+    N, C, H, W = x.shape
+    OH, OW = H // size, W // size
+    # windows[n, c, oh, ow, i*size + j] = x[n, c, oh*size + i, ow*size + j]: a reshape, no copy into columns.
+    windows = x.reshape(N, C, OH, size, OW, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, OH, OW, size * size)
+    argmax = windows.argmax(axis=-1)  # the first maximum, the element PyTorch picks
+    out = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    return out, argmax.astype(np.int32)
+
+
+def max_pool_tiled_backward_numpy(dout, argmax, size):
+    """NumPy reference: dout, argmax (N, C, OH, OW) -> dx (N, C, OH*size, OW*size), each
+    window's gradient at its argmax and 0 elsewhere."""
+    N, C, OH, OW = dout.shape
+    dwindows = np.zeros((N, C, OH, OW, size * size), dtype=dout.dtype)
+    np.put_along_axis(dwindows, argmax[..., None].astype(np.intp), dout[..., None], axis=-1)
+    return dwindows.reshape(N, C, OH, OW, size, size).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, OH * size, OW * size)
+
+
+def max_pool_tiled_forward(x, size):
+    """Max pool with ``stride == size`` windows that tile ``x`` exactly.
+
+    x (N, C, H, W) float32/float64, H and W multiples of ``size`` ->
+    ``(out (N, C, H/size, W/size), argmax (N, C, H/size, W/size) int32)``;
+    ``argmax`` holds ``i*size + j``, the first maximum's offset in its window.
+    """
+    _check_float_array("x", x)
+    N, C, H, W = x.shape
+    if H % size or W % size:
+        raise ValueError(f"size={size} does not tile the spatial size {(H, W)} of x shape {x.shape}")
+    if _extension is None:
+        return max_pool_tiled_forward_numpy(x, size)
+    out = np.empty((N, C, H // size, W // size), dtype=x.dtype)
+    argmax = np.empty(out.shape, dtype=np.int32)
+    _extension.max_pool_tiled_forward(_planes(x), size, _planes(out), _planes(argmax))
+    return out, argmax
+
+
+def max_pool_tiled_backward(dout, argmax, size):
+    """Route each window's gradient to its argmax (windows that tile the input).
+
+    dout (N, C, OH, OW), argmax (N, C, OH, OW) int32 from :func:`max_pool_tiled_forward`
+    -> dx (N, C, OH*size, OW*size), dtype of ``dout``.
+    """
+    _check_float_array("dout", dout)
+    if argmax.shape != dout.shape:
+        raise ValueError(f"argmax must have dout's shape {dout.shape}, got {argmax.shape}")
+    if _extension is None:
+        return max_pool_tiled_backward_numpy(dout, argmax, size)
+    N, C, OH, OW = dout.shape
+    dx = np.empty((N, C, OH * size, OW * size), dtype=dout.dtype)  # every element is written once
+    _extension.max_pool_tiled_backward(_planes(dout), _planes(argmax.astype(np.int32, copy=False)), size,
+                                       _planes(dx))
+    return dx
+
+
+def relu_backward(dout, x):
+    """``dx = dout where x > 0 else 0`` for arrays of one shape and dtype (any shape)."""
+    if _extension is None or dout.dtype != x.dtype or dout.dtype not in _FLOAT_DTYPES:
+        return np.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    _extension.relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(x).reshape(-1),
+                             dx.reshape(-1))
+    return dx
+
+
+def _channels(array):
+    """View a contiguous (N, C, H, W) (or (N, C, L)) array as (N, C, L)."""
+    array = np.ascontiguousarray(array)
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def batchnorm_statistics_numpy(x):
+    """NumPy reference: x (N, C, ...) -> (mean (C,), biased var (C,)) over every axis but 1."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes)
+    return mean, x.var(axis=axes)
+
+
+def batchnorm_statistics(x):
+    """Per-channel batch mean and biased variance of x (N, C, H, W): two (C,) arrays, dtype of x.
+
+    The compiled kernel accumulates in double (one channel per thread), the
+    reference in the array's dtype with NumPy's pairwise sums.
+    """
+    _check_float_array("x", x)
+    if _extension is None:
+        return batchnorm_statistics_numpy(x)
+    mean = np.empty(x.shape[1], dtype=x.dtype)
+    var = np.empty(x.shape[1], dtype=x.dtype)
+    _extension.batchnorm_statistics(_channels(x), mean, var)
+    return mean, var
+
+
+def _per_channel(vector, ndim):
+    """(C,) -> shape (C, 1, ..., 1) that broadcasts against (N, C, ...) with ``ndim`` axes."""
+    return vector.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta):
+    """NumPy reference: ``xhat = (x - mean) * inv_std``, ``out = gamma * xhat + beta`` per channel.
+
+    x (N, C, ...), the others (C,) -> (out, xhat), both shaped like x.
+    """
+    xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
+    return _per_channel(gamma, x.ndim) * xhat + _per_channel(beta, x.ndim), xhat
+
+
+def batchnorm_normalize(x, mean, inv_std, gamma, beta):
+    """x (N, C, H, W), the others (C,) of x's dtype -> (out, xhat), both (N, C, H, W)."""
+    _check_float_array("x", x)
+    if _extension is None:
+        return batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta)
+    out = np.empty(x.shape, dtype=x.dtype)
+    xhat = np.empty(x.shape, dtype=x.dtype)
+    _extension.batchnorm_normalize(_channels(x), mean, inv_std, gamma, beta, _channels(xhat), _channels(out))
+    return out, xhat
+
+
+def batchnorm_backward_numpy(dout, xhat, gamma, inv_std, training):
+    """NumPy reference of the per-channel batch-norm backward (see ``functional.batchnorm_backward``).
+
+    dout, xhat (N, C, ...), gamma, inv_std (C,) -> (dx like dout, dgamma (C,), dbeta (C,)).
+    """
+    axes = (0,) + tuple(range(2, dout.ndim))
+    count = dout.size // dout.shape[1]
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * xhat).sum(axis=axes)
+    scale = _per_channel(gamma * inv_std, dout.ndim)
+    if not training:
+        return dout * scale, dgamma, dbeta
+    mean_dout = _per_channel(dbeta / count, dout.ndim)
+    mean_dout_xhat = _per_channel(dgamma / count, dout.ndim)
+    return scale * (dout - mean_dout - xhat * mean_dout_xhat), dgamma, dbeta
+
+
+def batchnorm_backward(dout, xhat, gamma, inv_std, training):
+    """Per-channel batch-norm backward: dout, xhat (N, C, H, W); gamma, inv_std (C,)
+    -> (dx (N, C, H, W), dgamma (C,), dbeta (C,)), dtype of dout."""
+    _check_float_array("dout", dout)
+    if _extension is None:
+        return batchnorm_backward_numpy(dout, xhat, gamma, inv_std, training)
+    C = dout.shape[1]
+    dx = np.empty(dout.shape, dtype=dout.dtype)
+    dgamma = np.empty(C, dtype=dout.dtype)
+    dbeta = np.empty(C, dtype=dout.dtype)
+    _extension.batchnorm_backward(_channels(dout), _channels(xhat), gamma, inv_std, bool(training), _channels(dx),
+                                  dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+def swap_leading_axes(source, destination, bias=None):
+    """Write ``source (A, B, L)`` into ``destination (B, A, L)`` with the first two axes swapped,
+    adding ``bias[a]`` (shape (A,)) to every ``source[a]`` when given.
+
+    The conv layer uses it to turn GEMM rows (F, N, OH*OW) into NCHW (N, F, OH*OW)
+    and back. Returns ``destination`` (C-contiguous, same dtype as ``source``).
+    """
+    _check_float_array("source", source)
+    A, B, L = source.shape
+    if destination.shape != (B, A, L) or destination.dtype != source.dtype or not destination.flags.c_contiguous:
+        raise ValueError(
+            f"destination must be a C-contiguous {source.dtype} array of shape {(B, A, L)}, got "
+            f"{destination.shape} {destination.dtype}"
+        )
+    if bias is not None and (bias.shape != (A,) or bias.dtype != source.dtype):
+        raise ValueError(f"bias must be a {source.dtype} array of shape ({A},), got {bias.shape} {bias.dtype}")
+    if _extension is None:
+        np.copyto(destination, source.transpose(1, 0, 2))
+        if bias is not None:
+            destination += bias[None, :, None]
+        return destination
+    _extension.swap_leading_axes(np.ascontiguousarray(source), destination,
+                                 None if bias is None else np.ascontiguousarray(bias))
+    return destination

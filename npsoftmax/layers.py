@@ -169,13 +169,41 @@ class Conv2d(Module):
         if bias:
             params["b"] = np.zeros(out_channels, dtype=dtype)
         super().__init__(params)
+        self._buffers = {}  # reusable scratch arrays: "cols" (im2col output), "dcols" (its gradient)
+
+    def _reusable(self, name, shape, dtype):
+        """This layer's scratch array ``name``, kept between steps and reallocated only when
+        ``shape`` or ``dtype`` changes (a fresh allocation of tens of MiB page-faults every step)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._buffers[name] = np.empty(shape, dtype=dtype)
+        return buffer
+
+    def _cols_buffer(self, x):
+        """The reusable (C*KH*KW, N*OH*OW) im2col buffer for input ``x``, or None when ``x`` is
+        not a valid input (the functional layer then raises the precise error)."""
+        w = self.params["w"]
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != w.dtype or x.shape[1] != self.in_channels:
+            return None
+        (KH, KW), N = self.kernel_size, x.shape[0]
+        OH = F.conv_output_size(x.shape[2], KH, self.stride, self.pad)
+        OW = F.conv_output_size(x.shape[3], KW, self.stride, self.pad)
+        if OH < 1 or OW < 1:
+            return None
+        return self._reusable("cols", (self.in_channels * KH * KW, N * OH * OW), x.dtype)
 
     def forward(self, x):
-        out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad)
+        # Reusing the cols buffer is safe: the only cache that refers to it is this
+        # layer's latest one, and this forward replaces it.
+        out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
+                                          cols_out=self._cols_buffer(x))
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.conv_backward(dout, self._take_cache())
+        cache = self._take_cache()
+        cols = cache[1]
+        # dcols is scratch (col2im consumes it within the call): one buffer for every step.
+        dx, dw, db = F.conv_backward(dout, cache, dcols_out=self._reusable("dcols", cols.shape, cols.dtype))
         self._store_grads(w=dw, **({"b": db} if db is not None else {}))
         return dx
 
