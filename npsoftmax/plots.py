@@ -1,16 +1,22 @@
 """Plots of a run, saved as PNG files: curves, confusion matrix, head comparison.
 
-matplotlib is imported lazily with the non-interactive Agg backend, so these work
-on a machine without a display and importing npsoftmax stays fast.
+matplotlib is imported lazily (importing npsoftmax stays fast); scripts get the
+non-interactive Agg backend, so these work on a machine without a display, while
+a notebook keeps its inline backend.
 """
 
 import os
 
 
 def _pyplot():
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    # Choose the file-only backend when nobody has picked one yet (scripts, CI); inside
+    # a notebook pyplot is already loaded with the inline backend, which must stay.
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
