@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for train_torch, next to this file
 
-from train_torch import apply_schedules, build_torch_parser, training_batches  # noqa: E402
+from train_torch import apply_schedules, build_torch_parser  # noqa: E402
 
 from npsoftmax.cli import build_training, load_dataset  # noqa: E402
 from npsoftmax.torch_adapter import (buffers_from_torch, params_from_torch, require_torch,  # noqa: E402
@@ -100,7 +100,7 @@ def run_parity(args):
     twin.train()
     numpy_losses, torch_losses = [], []
     while trainer.step < args.steps:
-        for x, y in training_batches(trainer):
+        for x, y in trainer.batches():
             apply_schedules(trainer, trainer.step, twin_optimizer, twin.head)  # numpy and torch alike
             loss = model.forward(x, y)
             model.backward()

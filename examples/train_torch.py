@@ -28,7 +28,6 @@ import numpy as np
 from npsoftmax.checkpoint import save_checkpoint
 from npsoftmax.cli import EXIT_DATA_ERROR, EXIT_DIVERGED, build_parser, build_training, load_dataset, \
     summary_table, write_plots
-from npsoftmax.data.transforms import augment, normalize
 from npsoftmax.torch_adapter import copy_from_torch, head_loss, require_torch, to_torch, to_torch_optimizer
 
 
@@ -37,22 +36,6 @@ def build_torch_parser(description=None):
     parser = build_parser(description or "Train the default CNN with one of four softmax heads in PyTorch.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch trains")
     return parser
-
-
-def training_batches(trainer):
-    """One epoch of ``(x (B, C, H, W), y (B,))`` numpy batches, exactly as ``trainer.train_epoch`` draws them.
-
-    Same shuffling (``trainer.rng.permutation``), normalisation statistics and
-    augmentation draws, in the same order, so a torch run sees the numpy run's batches.
-    """
-    split = trainer.dataset.train
-    order = trainer.rng.permutation(len(split))
-    for first in range(0, len(split), trainer.batch_size):
-        index = order[first:first + trainer.batch_size]
-        x = normalize(split.images[index], trainer.mean, trainer.std, dtype=trainer.dtype)
-        if trainer.augment:
-            x = augment(x, rng=trainer.rng, pad=trainer.crop_pad)
-        yield x, split.labels[index]
 
 
 def apply_schedules(trainer, step, torch_optimizer, torch_head):
@@ -102,7 +85,7 @@ def train_epoch(trainer, model, optimizer, device):
     model.train()
     total_loss, total_correct, seen, head_seconds = 0.0, 0, 0, 0.0
     start = time.perf_counter()
-    for x, y in training_batches(trainer):
+    for x, y in trainer.batches():
         values = apply_schedules(trainer, trainer.step, optimizer, model.head)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ dispatch in ``im2col.py``) validate shapes and pass C-contiguous arrays.
 
 import numpy as np
 from cython.parallel cimport prange
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 ctypedef fused floating_t:
     float
@@ -43,9 +43,10 @@ def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kern
            Py_ssize_t stride, Py_ssize_t pad, out=None):
     """x (N, C, H, W) C-contiguous -> cols (C*KH*KW, N*OH*OW), same dtype.
 
-    ``out``, if given, is a C-contiguous array of that shape and dtype that is
-    overwritten and returned (reusing one buffer avoids page-faulting a fresh
-    allocation of several MiB on every call).
+    ``out``, if given, is an array of that shape and dtype whose rows are
+    contiguous (it may be a column block of a bigger buffer); it is overwritten
+    and returned. Reusing one buffer avoids page-faulting a fresh allocation of
+    several MiB on every call.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = (H + 2 * pad - kernel_height) // stride + 1
@@ -53,13 +54,15 @@ def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kern
     dtype = np.float32 if floating_t is float else np.float64
     if out is None:
         out = np.empty((C * kernel_height * kernel_width, N * OH * OW), dtype=dtype)
-    cdef floating_t[:, ::1] cols = out
+    cdef floating_t[:, :] cols = out
     if cols.shape[0] != C * kernel_height * kernel_width or cols.shape[1] != N * OH * OW:
         raise ValueError(
             f"out must have shape {(C * kernel_height * kernel_width, N * OH * OW)}, "
             f"got {(cols.shape[0], cols.shape[1])}"
         )
-    cdef Py_ssize_t n, c, i, j, oh, ow, row, column, h, w0, ow_start, ow_end
+    if cols.shape[1] > 1 and cols.strides[1] != sizeof(floating_t):
+        raise ValueError(f"out must have contiguous rows, got strides {tuple(out.strides)}")
+    cdef Py_ssize_t n, c, i, j, oh, ow, row, h, w0, ow_start, ow_end
     cdef floating_t* destination
     cdef const floating_t* source
     for n in prange(N, nogil=True, schedule="dynamic"):
@@ -71,40 +74,57 @@ def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kern
                     # rest read the zero padding.
                     ow_start = _first_valid(j, pad, stride)
                     ow_end = _end_valid(j, pad, stride, W, OW)
+                    w0 = j - pad
                     for oh in range(OH):
-                        column = (n * OH + oh) * OW
+                        # This row's OW columns of output row oh of image n: contiguous.
+                        destination = &cols[row, (n * OH + oh) * OW]
                         h = oh * stride + i - pad
                         if h < 0 or h >= H or ow_start >= ow_end:
                             for ow in range(OW):
-                                cols[row, column + ow] = 0
+                                destination[ow] = 0
                             continue
                         for ow in range(ow_start):
-                            cols[row, column + ow] = 0
-                        w0 = j - pad
+                            destination[ow] = 0
+                        source = &x[n, c, h, 0]
                         if stride == 1:
                             # Unit stride: a plain contiguous copy the compiler vectorises.
-                            destination = &cols[row, column]
-                            source = &x[n, c, h, 0]
                             for ow in range(ow_start, ow_end):
                                 destination[ow] = source[ow + w0]
                         else:
                             for ow in range(ow_start, ow_end):
-                                cols[row, column + ow] = x[n, c, h, ow * stride + w0]
+                                destination[ow] = source[ow * stride + w0]
                         for ow in range(ow_end, OW):
-                            cols[row, column + ow] = 0
+                            destination[ow] = 0
     return out
 
 
-def col2im(floating_t[:, ::1] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-           Py_ssize_t kernel_height, Py_ssize_t kernel_width, Py_ssize_t stride, Py_ssize_t pad):
-    """cols (C*KH*KW, N*OH*OW) C-contiguous -> x (N, C, H, W), overlaps summed."""
+def col2im(floating_t[:, :] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+           Py_ssize_t kernel_height, Py_ssize_t kernel_width, Py_ssize_t stride, Py_ssize_t pad, out=None):
+    """cols (C*KH*KW, N*OH*OW), rows contiguous -> x (N, C, H, W), overlaps summed.
+
+    ``out``, if given, is a C-contiguous (N, C, H, W) array of the same dtype that
+    is overwritten and returned (each thread zeroes its own images first).
+    """
     cdef Py_ssize_t OH = (H + 2 * pad - kernel_height) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kernel_width) // stride + 1
     dtype = np.float32 if floating_t is float else np.float64
-    out = np.zeros((N, C, H, W), dtype=dtype)
+    if out is None:
+        out = np.empty((N, C, H, W), dtype=dtype)
     cdef floating_t[:, :, :, ::1] x = out
+    if x.shape[0] != N or x.shape[1] != C or x.shape[2] != H or x.shape[3] != W:
+        raise ValueError(f"out must have shape {(N, C, H, W)}, got {tuple(out.shape)}")
+    if cols.shape[0] != C * kernel_height * kernel_width or cols.shape[1] != N * OH * OW:
+        raise ValueError(
+            f"cols must have shape {(C * kernel_height * kernel_width, N * OH * OW)}, "
+            f"got {(cols.shape[0], cols.shape[1])}"
+        )
+    if cols.shape[1] > 1 and cols.strides[1] != sizeof(floating_t):
+        raise ValueError(f"cols must have contiguous rows, got strides {tuple(cols.strides)}")
     cdef Py_ssize_t n, c, i, j, oh, ow, row, column, h, w0, ow_start, ow_end
+    cdef floating_t* destination
+    cdef const floating_t* source
     for n in prange(N, nogil=True, schedule="dynamic"):
+        memset(&x[n, 0, 0, 0], 0, C * H * W * sizeof(floating_t))
         for c in range(C):
             for i in range(kernel_height):
                 for j in range(kernel_width):
@@ -117,8 +137,16 @@ def col2im(floating_t[:, ::1] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py
                         if h < 0 or h >= H:
                             continue  # gradient of a padding zero is discarded
                         column = (n * OH + oh) * OW
-                        for ow in range(ow_start, ow_end):
-                            x[n, c, h, ow * stride + w0] += cols[row, column + ow]
+                        if stride == 1:
+                            # Unit stride: a contiguous add the compiler vectorises.
+                            if ow_start < ow_end:
+                                destination = &x[n, c, h, ow_start + w0]
+                                source = &cols[row, column + ow_start]
+                                for ow in range(ow_end - ow_start):
+                                    destination[ow] += source[ow]
+                        else:
+                            for ow in range(ow_start, ow_end):
+                                x[n, c, h, ow * stride + w0] += cols[row, column + ow]
     return out
 
 
@@ -273,83 +301,106 @@ def relu_backward(floating_t[::1] dout, floating_t[::1] x, floating_t[::1] dx):
 # ----------------------------------------------------------------------------
 # Batch norm over (N, L) per channel, arrays viewed as (N, C, L), L = H*W
 # ----------------------------------------------------------------------------
-# Per-channel sums in double over LANES independent accumulators: lane k sums
-# elements k, k + LANES, k + 2*LANES, ... The lanes never depend on each other,
+# Per-channel sums over LANES independent accumulators: lane k sums elements
+# k, k + LANES, k + 2*LANES, ... of a row. The lanes never depend on each other,
 # so the compiler turns the fixed-size inner loop into vector adds (reordering a
-# single floating-point sum is not allowed without -ffast-math), and the result
-# is accurate (double) even for a million float32 values.
+# single floating-point sum is not allowed without -ffast-math). Each lane adds
+# at most L / LANES values of one (n, c) row in the array's dtype; the row totals
+# are then accumulated in double, so even a million float32 values sum accurately.
 cdef enum:
-    LANES = 8
+    LANES = 16
+    HALF_LANES = 8
 
 
-cdef inline double _channel_sum(floating_t[:, :, ::1] a, Py_ssize_t c, double shift) noexcept nogil:
+cdef inline double _total(floating_t* lanes) noexcept nogil:
+    """Pairwise sum of the LANES accumulators, in double."""
+    cdef double pairs[HALF_LANES]
+    cdef Py_ssize_t k, width = HALF_LANES
+    for k in range(width):
+        pairs[k] = <double>lanes[k] + <double>lanes[k + width]
+    while width > 1:
+        width //= 2
+        for k in range(width):
+            pairs[k] = pairs[k] + pairs[k + width]
+    return pairs[0]
+
+
+cdef inline double _channel_sum(floating_t[:, :, ::1] a, Py_ssize_t c, floating_t shift) noexcept nogil:
     """sum over n, l of (a[n, c, l] - shift)."""
     cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
-    cdef double lanes[LANES]
+    cdef floating_t lanes[LANES]
     cdef const floating_t* row
-    for k in range(LANES):
-        lanes[k] = 0
+    cdef double total = 0
     for n in range(N):
         row = &a[n, c, 0]
+        for k in range(LANES):
+            lanes[k] = 0
         l = 0
         while l + LANES <= L:
             for k in range(LANES):
-                lanes[k] += <double>row[l + k] - shift
+                lanes[k] += row[l + k] - shift
             l += LANES
         while l < L:
-            lanes[0] += <double>row[l] - shift
+            lanes[0] += row[l] - shift
             l += 1
-    return _total(lanes)
+        total += _total(lanes)
+    return total
 
 
-cdef inline double _channel_sum_of_squares(floating_t[:, :, ::1] a, Py_ssize_t c, double shift) noexcept nogil:
+cdef inline double _channel_sum_of_squares(floating_t[:, :, ::1] a, Py_ssize_t c, floating_t shift) noexcept nogil:
     """sum over n, l of (a[n, c, l] - shift)**2."""
     cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
-    cdef double lanes[LANES]
-    cdef double deviation
+    cdef floating_t lanes[LANES]
+    cdef floating_t deviation
     cdef const floating_t* row
-    for k in range(LANES):
-        lanes[k] = 0
+    cdef double total = 0
     for n in range(N):
         row = &a[n, c, 0]
+        for k in range(LANES):
+            lanes[k] = 0
         l = 0
         while l + LANES <= L:
             for k in range(LANES):
-                deviation = <double>row[l + k] - shift
+                deviation = row[l + k] - shift
                 lanes[k] += deviation * deviation
             l += LANES
         while l < L:
-            deviation = <double>row[l] - shift
+            deviation = row[l] - shift
             lanes[0] += deviation * deviation
             l += 1
-    return _total(lanes)
+        total += _total(lanes)
+    return total
 
 
-cdef inline double _channel_dot(floating_t[:, :, ::1] a, floating_t[:, :, ::1] b, Py_ssize_t c) noexcept nogil:
-    """sum over n, l of a[n, c, l] * b[n, c, l]."""
+cdef inline void _channel_sum_and_dot(floating_t[:, :, ::1] a, floating_t[:, :, ::1] b, Py_ssize_t c,
+                                     floating_t shift, double* sum_a, double* dot_ab) noexcept nogil:
+    """sum over n, l of a[n, c, l], and of a[n, c, l] * (b[n, c, l] - shift), in one pass over memory."""
     cdef Py_ssize_t N = a.shape[0], L = a.shape[2], n, l, k
-    cdef double lanes[LANES]
+    cdef floating_t sums[LANES]
+    cdef floating_t dots[LANES]
     cdef const floating_t* row_a
     cdef const floating_t* row_b
-    for k in range(LANES):
-        lanes[k] = 0
+    cdef double total_sum = 0, total_dot = 0
     for n in range(N):
         row_a = &a[n, c, 0]
         row_b = &b[n, c, 0]
+        for k in range(LANES):
+            sums[k] = 0
+            dots[k] = 0
         l = 0
         while l + LANES <= L:
             for k in range(LANES):
-                lanes[k] += <double>row_a[l + k] * <double>row_b[l + k]
+                sums[k] += row_a[l + k]
+                dots[k] += row_a[l + k] * (row_b[l + k] - shift)
             l += LANES
         while l < L:
-            lanes[0] += <double>row_a[l] * <double>row_b[l]
+            sums[0] += row_a[l]
+            dots[0] += row_a[l] * (row_b[l] - shift)
             l += 1
-    return _total(lanes)
-
-
-cdef inline double _total(double* lanes) noexcept nogil:
-    """Pairwise sum of the LANES accumulators."""
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        total_sum += _total(sums)
+        total_dot += _total(dots)
+    sum_a[0] = total_sum
+    dot_ab[0] = total_dot
 
 
 def batchnorm_statistics(floating_t[:, :, ::1] x, floating_t[::1] mean, floating_t[::1] var):
@@ -362,51 +413,55 @@ def batchnorm_statistics(floating_t[:, :, ::1] x, floating_t[::1] mean, floating
     cdef Py_ssize_t C = x.shape[1], c
     cdef double count = <double>x.shape[0] * x.shape[2], channel_mean
     for c in prange(C, nogil=True, schedule="dynamic"):
-        channel_mean = _channel_sum(x, c, 0.0) / count
+        channel_mean = _channel_sum(x, c, 0) / count
         mean[c] = <floating_t>channel_mean
-        var[c] = <floating_t>(_channel_sum_of_squares(x, c, channel_mean) / count)
+        # Deviations from the mean rounded to x's dtype: exact enough, and the
+        # squares of small deviations are where the variance's precision lives.
+        var[c] = <floating_t>(_channel_sum_of_squares(x, c, <floating_t>channel_mean) / count)
 
 
 cdef inline void _normalize_run(const floating_t* x, floating_t mean, floating_t inv_std, floating_t gamma,
-                                floating_t beta, floating_t* xhat, floating_t* out, Py_ssize_t L) noexcept nogil:
+                                floating_t beta, floating_t* out, Py_ssize_t L) noexcept nogil:
     cdef Py_ssize_t l
-    cdef floating_t normalized
     for l in range(L):
-        normalized = (x[l] - mean) * inv_std
-        xhat[l] = normalized
-        out[l] = gamma * normalized + beta
+        out[l] = gamma * ((x[l] - mean) * inv_std) + beta
 
 
 def batchnorm_normalize(floating_t[:, :, ::1] x, floating_t[::1] mean, floating_t[::1] inv_std,
-                        floating_t[::1] gamma, floating_t[::1] beta, floating_t[:, :, ::1] xhat,
-                        floating_t[:, :, ::1] out):
-    """x (N, C, L) -> fills xhat = (x - mean) * inv_std and out = gamma * xhat + beta (per channel)."""
+                        floating_t[::1] gamma, floating_t[::1] beta, floating_t[:, :, ::1] out):
+    """x (N, C, L) -> fills out = gamma * xhat + beta with xhat = (x - mean) * inv_std (per channel).
+
+    xhat itself is not stored: the backward pass recomputes it from x, which
+    reads as much memory as reading a stored xhat and saves writing one.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2], row, n, c
     for row in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
         n = row // C
         c = row - n * C
-        _normalize_run(&x[n, c, 0], mean[c], inv_std[c], gamma[c], beta[c], &xhat[n, c, 0], &out[n, c, 0], L)
+        _normalize_run(&x[n, c, 0], mean[c], inv_std[c], gamma[c], beta[c], &out[n, c, 0], L)
 
 
-cdef inline void _batchnorm_gradient_run(const floating_t* dout, const floating_t* xhat, floating_t scale,
-                                         bint training, floating_t mean_dout, floating_t mean_dout_xhat,
-                                         floating_t* dx, Py_ssize_t L) noexcept nogil:
+cdef inline void _batchnorm_gradient_run(const floating_t* dout, const floating_t* x, floating_t scale,
+                                         bint training, floating_t mean, floating_t mean_dout,
+                                         floating_t slope, floating_t* dx, Py_ssize_t L) noexcept nogil:
     cdef Py_ssize_t l
     if training:
         for l in range(L):
-            dx[l] = scale * (dout[l] - mean_dout - xhat[l] * mean_dout_xhat)
+            dx[l] = scale * (dout[l] - mean_dout - (x[l] - mean) * slope)
     else:
         for l in range(L):
             dx[l] = scale * dout[l]
 
 
-def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] xhat, floating_t[::1] gamma,
-                       floating_t[::1] inv_std, bint training, floating_t[:, :, ::1] dx,
-                       floating_t[::1] dgamma, floating_t[::1] dbeta):
-    """dout, xhat (N, C, L) -> fills dx (N, C, L), dgamma and dbeta (C,).
+def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] x, floating_t[::1] mean,
+                       floating_t[::1] inv_std, floating_t[::1] gamma, bint training,
+                       floating_t[:, :, ::1] dx, floating_t[::1] dgamma, floating_t[::1] dbeta):
+    """dout, x (N, C, L) with the forward's mean and inv_std (C,) -> fills dx (N, C, L),
+    dgamma and dbeta (C,).
 
-    dbeta = sum dout, dgamma = sum dout * xhat (over N and L). In training
-    (M = N*L values per channel, see ``functional.batchnorm_backward``)::
+    With xhat = (x - mean) * inv_std: dbeta = sum dout, dgamma = sum dout * xhat
+    (over N and L). In training (M = N*L values per channel, see
+    ``functional.batchnorm_backward``)::
 
         dx = gamma * inv_std * (dout - dbeta / M - xhat * dgamma / M)
 
@@ -416,16 +471,17 @@ def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] xhat, f
     cdef double count = <double>N * L
     cdef double[::1] sum_dout = np.empty(C), sum_dout_xhat = np.empty(C)
     for c in prange(C, nogil=True, schedule="dynamic"):
-        sum_dout[c] = _channel_sum(dout, c, 0.0)
-        sum_dout_xhat[c] = _channel_dot(dout, xhat, c)
+        _channel_sum_and_dot(dout, x, c, mean[c], &sum_dout[c], &sum_dout_xhat[c])
+        sum_dout_xhat[c] = sum_dout_xhat[c] * inv_std[c]
         dbeta[c] = <floating_t>sum_dout[c]
         dgamma[c] = <floating_t>sum_dout_xhat[c]
     for row in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
         n = row // C
         c = row - n * C
+        # xhat * dgamma / M = (x - mean) * (inv_std * dgamma / M): one multiply per element.
         _batchnorm_gradient_run(
-            &dout[n, c, 0], &xhat[n, c, 0], gamma[c] * inv_std[c], training,
-            <floating_t>(sum_dout[c] / count), <floating_t>(sum_dout_xhat[c] / count), &dx[n, c, 0], L,
+            &dout[n, c, 0], &x[n, c, 0], gamma[c] * inv_std[c], training, mean[c],
+            <floating_t>(sum_dout[c] / count), <floating_t>(inv_std[c] * sum_dout_xhat[c] / count), &dx[n, c, 0], L,
         )
 
 

@@ -199,6 +199,18 @@ def relu_backward(dout, cache):
 # ----------------------------------------------------------------------------
 # Convolution: im2col + one GEMM
 # ----------------------------------------------------------------------------
+#: Bytes of im2col columns processed per chunk of images by conv_forward/conv_backward.
+#: A chunk's columns are written by im2col and read by the GEMM right away, while
+#: they are still in the CPU cache; the gradient columns of a chunk never leave it.
+#: (The whole batch's columns are tens of MiB: more than the last-level cache.)
+CONV_CHUNK_BYTES = 4 * 2**20
+
+
+def _images_per_chunk(N, columns_per_image, rows, itemsize):
+    """How many images of the batch make one chunk of about CONV_CHUNK_BYTES of columns."""
+    return max(1, min(N, CONV_CHUNK_BYTES // max(rows * columns_per_image * itemsize, 1)))
+
+
 def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
     """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product.
 
@@ -238,38 +250,48 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
     N = x.shape[0]
     OH = conv_output_size(x.shape[2], KH, stride, pad)
     OW = conv_output_size(x.shape[3], KW, stride, pad)
-
-    # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
+    P = OH * OW  # output pixels per image = columns per image
     if b is not None:
         _require_shape("b", b, (F,))
         _require_same_dtype("b", b, "w", w)
-    _check_buffer("cols_out", cols_out, (w[0].size, N * OH * OW), x.dtype)
-    with section("im2col"):
-        cols = im2col(np.ascontiguousarray(x), KH, KW, stride, pad, out=cols_out)
-    # The whole convolution is one GEMM: (F, C*KH*KW) @ (C*KH*KW, N*OH*OW).
-    with section("conv GEMM"):
-        out_rows = w.reshape(F, -1) @ cols
-    # Columns are ordered (n, oh, ow): out_rows is (F, N, OH*OW); move F after N
-    # (and add the bias on the way, instead of a separate pass over the output).
+    _check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
+    x = np.ascontiguousarray(x)
+    cols = np.empty((w[0].size, N * P), dtype=x.dtype) if cols_out is None else cols_out
+    w_rows = w.reshape(F, -1)
     out = np.empty((N, F, OH, OW), dtype=x.dtype)
-    kernels.swap_leading_axes(out_rows.reshape(F, N, OH * OW), out.reshape(N, F, OH * OW), b)
+
+    # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
+    # and the whole convolution is one GEMM: out_rows (F, N*P) = w_rows (F, C*KH*KW) @ cols.
+    # The columns of image n are block n of cols, so the GEMM splits by images: it runs
+    # chunk by chunk, on columns im2col has just written (still in cache).
+    chunk = _images_per_chunk(N, P, cols.shape[0], x.itemsize)
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        columns = cols[:, start * P : stop * P]
+        with section("im2col"):
+            im2col(x[start:stop], KH, KW, stride, pad, out=columns)
+        with section("conv GEMM"):
+            out_rows = w_rows @ columns
+        # Columns are ordered (n, oh, ow): out_rows is (F, images, OH*OW); move F after n
+        # (and add the bias on the way, instead of a separate pass over the output).
+        kernels.swap_leading_axes(out_rows.reshape(F, stop - start, P), out[start:stop].reshape(stop - start, F, P), b)
     return out, (x.shape, cols, w, stride, pad, b is not None)
 
 
-def conv_backward(dout, cache, *, dcols_out=None):
+def conv_backward(dout, cache, *, input_gradient=True):
     """Backward pass of :func:`conv_forward`.
 
     Parameters
     ----------
     dout : ndarray (N, F, OH, OW)
-    dcols_out : ndarray (C*KH*KW, N*OH*OW), optional
-        C-contiguous scratch buffer (dtype of ``dout``) for the gradient of the
-        columns; overwritten, and not needed after the call. Must not be the
-        cache's ``cols`` buffer.
+    input_gradient : bool
+        False skips ``dx`` (returned as None): the first layer of a network
+        does not need the gradient of the images, and it costs a GEMM and a
+        col2im (PyTorch skips it too, for inputs that do not require grad).
 
     Returns
     -------
-    dx : ndarray (N, C, H, W)
+    dx : ndarray (N, C, H, W), or None when ``input_gradient`` is False
     dw : ndarray (F, C, KH, KW)
     db : ndarray (F,), or None when the forward pass had no bias
     """
@@ -278,24 +300,39 @@ def conv_backward(dout, cache, *, dcols_out=None):
     N = x_shape[0]
     OH = conv_output_size(x_shape[2], KH, stride, pad)
     OW = conv_output_size(x_shape[3], KW, stride, pad)
+    P = OH * OW
     _check_upstream(dout, (N, F, OH, OW), w.dtype)
-    _check_buffer("dcols_out", dcols_out, cols.shape, cols.dtype)
-    if dcols_out is not None and np.may_share_memory(dcols_out, cols):
-        raise ValueError("dcols_out must not overlap the cached cols (dw still needs them)")
-    # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
-    dout_rows = np.empty((F, N * OH * OW), dtype=dout.dtype)
-    kernels.swap_leading_axes(dout.reshape(N, F, OH * OW), dout_rows.reshape(F, N, OH * OW))
-    # out_rows = w_rows @ cols + b  =>  dw_rows = dout_rows @ cols^T, dcols = w_rows^T @ dout_rows.
-    # (cols.T is a transposed view: BLAS reads it in place, nothing is copied.)
-    with section("conv GEMM"):
-        dw = (dout_rows @ cols.T).reshape(w.shape)
-        dcols = np.matmul(w.reshape(F, -1).T, dout_rows, out=dcols_out)
-    # col2im is the adjoint of im2col: it adds each column entry back to the pixel
-    # it was copied from, so a pixel seen by several windows sums their gradients.
-    with section("col2im"):
-        dx = col2im(np.ascontiguousarray(dcols), x_shape, KH, KW, stride, pad)
-    db = dout_rows.sum(axis=1) if has_bias else None
-    return dx, dw, db
+    dout = np.ascontiguousarray(dout)
+    w_rows = w.reshape(F, -1)
+    dw_rows = np.zeros(w_rows.shape, dtype=w.dtype)
+    db = np.zeros(F, dtype=w.dtype) if has_bias else None
+    dx = np.empty(x_shape, dtype=w.dtype) if input_gradient else None
+
+    # out_rows = w_rows @ cols + b, so
+    #   dw_rows = dout_rows @ cols^T  (a sum over all columns: accumulated chunk by chunk),
+    #   dcols   = w_rows^T @ dout_rows, folded back into dx by col2im.
+    # Chunks as in the forward pass: each chunk's dcols is written, folded and
+    # reused while in cache; it never exists for the whole batch.
+    chunk = _images_per_chunk(N, P, cols.shape[0], cols.itemsize)
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        images = stop - start
+        # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
+        dout_rows = np.empty((F, images * P), dtype=dout.dtype)
+        kernels.swap_leading_axes(dout[start:stop].reshape(images, F, P), dout_rows.reshape(F, images, P))
+        columns = cols[:, start * P : stop * P]
+        with section("conv GEMM"):
+            # (columns.T is a transposed view: BLAS reads it in place, nothing is copied.)
+            dw_rows += dout_rows @ columns.T
+            dcols = w_rows.T @ dout_rows if input_gradient else None
+        if input_gradient:
+            # col2im is the adjoint of im2col: it adds each column entry back to the pixel
+            # it was copied from, so a pixel seen by several windows sums their gradients.
+            with section("col2im"):
+                col2im(dcols, (images, *x_shape[1:]), KH, KW, stride, pad, out=dx[start:stop])
+        if has_bias:
+            db += dout_rows.sum(axis=1)
+    return dx, dw_rows.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------
@@ -573,8 +610,11 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
     else:
         mean, var = running_mean, running_var
     inv_std = 1.0 / np.sqrt(var + eps)
-    out, xhat = kernels.batchnorm_normalize(x, mean, inv_std, gamma, beta)
-    return out, (xhat, gamma, inv_std, bool(training))
+    out = kernels.batchnorm_normalize(x, mean, inv_std, gamma, beta)
+    # The cache keeps x (as affine and relu do) and the statistics: backward recomputes
+    # xhat = (x - mean) * inv_std on the fly instead of this pass writing it out. The
+    # statistics are copied because in eval mode they are the live running buffers.
+    return out, (x, mean.copy(), inv_std, gamma, bool(training))
 
 
 def spatial_batchnorm_backward(dout, cache):
@@ -589,10 +629,10 @@ def spatial_batchnorm_backward(dout, cache):
     dx : ndarray (N, C, H, W)
     dgamma, dbeta : ndarray (C,)
     """
-    xhat, gamma, inv_std, training = cache
-    _check_upstream(dout, xhat.shape, xhat.dtype)
+    x, mean, inv_std, gamma, training = cache
+    _check_upstream(dout, x.shape, x.dtype)
     # batchnorm_backward's compact formula, per channel over (N, H, W).
-    return kernels.batchnorm_backward(dout, xhat, gamma, inv_std, training)
+    return kernels.batchnorm_backward(dout, x, mean, inv_std, gamma, training)
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""im2col / col2im: the one dispatch point between the Cython kernels and NumPy.
+"""im2col / col2im (and the other compiled loops): the one dispatch point between
+the Cython kernels and NumPy.
 
 A convolution slides a (C, KH, KW) filter over a zero-padded image. ``im2col``
 copies every receptive field into one column, so that the whole convolution
@@ -16,14 +17,30 @@ columns and the Cython kernel can give one image to each thread).
 into the pixels it was copied from. Overlapping windows therefore accumulate,
 which is exactly the chain rule for a pixel that feeds several outputs.
 
+The same module dispatches the other loops of a training step that NumPy does
+slowly (max pooling with argmax, ReLU backward, batch-norm statistics and
+normalisation, the layout swap around the conv GEMM); each has a NumPy
+reference here that states the math.
+
 The compiled kernels live in ``_im2col.pyx``; if the extension was not built,
 the NumPy reference below is used and a warning is printed once.
+
+Threads: the kernels use OpenMP (``prange``), the GEMMs use OpenBLAS's own
+threads, and a training step alternates between them a few hundred times. By
+default an idle OpenMP thread *spins* for a while before sleeping, taking a core
+away from the OpenBLAS threads that run next (on a 2-core machine, half the
+machine). So unless ``OMP_WAIT_POLICY`` is already set, it is set to ``PASSIVE``
+before the extension loads OpenMP: idle OpenMP threads sleep at once. (It cannot
+take effect if another library has already started the same OpenMP runtime.)
 """
 
+import os
 import warnings
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when the OpenMP runtime starts
 
 try:
     from . import _im2col as _extension
@@ -153,9 +170,11 @@ def im2col(x, kernel_height, kernel_width, stride=1, pad=0, out=None):
     pad : int
         Zero padding added on every side.
     out : ndarray (C*KH*KW, N*OH*OW), optional
-        C-contiguous buffer of the same dtype to write into and return. A conv
-        layer passes the same buffer every step: allocating tens of MiB afresh
-        costs page faults comparable to the copy itself.
+        Buffer of the same dtype to write into and return; each row must be
+        contiguous (a column block ``buffer[:, a:b]`` of a bigger C-contiguous
+        array is fine: the conv layer fills its columns one chunk of images at
+        a time). Reusing one buffer every step avoids page-faulting tens of MiB
+        afresh, which costs about as much as the copy itself.
 
     Returns
     -------
@@ -171,8 +190,8 @@ def im2col(x, kernel_height, kernel_width, stride=1, pad=0, out=None):
                 f"out must be an ndarray of shape {expected} and dtype {x.dtype}, got "
                 f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}"
             )
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
+        if out.strides[1] != out.itemsize and out.shape[1] > 1:
+            raise ValueError(f"out must have contiguous rows (strides[1] == {out.itemsize}), got strides {out.strides}")
     if _extension is None:
         cols = im2col_numpy(x, kernel_height, kernel_width, stride, pad)
         if out is None:
@@ -183,7 +202,7 @@ def im2col(x, kernel_height, kernel_width, stride=1, pad=0, out=None):
     return _extension.im2col(np.ascontiguousarray(x), kernel_height, kernel_width, stride, pad, out)
 
 
-def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0):
+def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0, out=None):
     """Fold columns back into an image, summing overlaps (adjoint of :func:`im2col`).
 
     Parameters
@@ -191,6 +210,8 @@ def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0):
     cols : ndarray (C*KH*KW, N*OH*OW), float32 or float64
     x_shape : tuple (N, C, H, W)
         Shape of the image that ``im2col`` unfolded.
+    out : ndarray (N, C, H, W), optional
+        C-contiguous array of the dtype of ``cols`` to overwrite and return.
 
     Returns
     -------
@@ -205,11 +226,21 @@ def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0):
             f"cols must have shape (C*KH*KW, N*OH*OW) = {expected} for x_shape "
             f"{tuple(x_shape)}, got {cols.shape}"
         )
+    if out is not None and (not isinstance(out, np.ndarray) or out.shape != (N, C, H, W)
+                            or out.dtype != cols.dtype or not out.flags.c_contiguous):
+        raise ValueError(
+            f"out must be a C-contiguous {cols.dtype} array of shape {(N, C, H, W)}, got "
+            f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}"
+        )
     if _extension is None:
-        return col2im_numpy(cols, x_shape, kernel_height, kernel_width, stride, pad)
-    return _extension.col2im(
-        np.ascontiguousarray(cols), N, C, H, W, kernel_height, kernel_width, stride, pad
-    )
+        x = col2im_numpy(cols, x_shape, kernel_height, kernel_width, stride, pad)
+        if out is None:
+            return x
+        out[...] = x
+        return out
+    if cols.shape[1] > 1 and cols.strides[1] != cols.itemsize:
+        cols = np.ascontiguousarray(cols)  # the kernel reads rows as contiguous runs
+    return _extension.col2im(cols, N, C, H, W, kernel_height, kernel_width, stride, pad, out)
 
 
 # ----------------------------------------------------------------------------
@@ -329,32 +360,33 @@ def _per_channel(vector, ndim):
 
 
 def batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta):
-    """NumPy reference: ``xhat = (x - mean) * inv_std``, ``out = gamma * xhat + beta`` per channel.
+    """NumPy reference: ``out = gamma * (x - mean) * inv_std + beta`` per channel.
 
-    x (N, C, ...), the others (C,) -> (out, xhat), both shaped like x.
+    x (N, C, ...), the others (C,) -> out shaped like x.
     """
     xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
-    return _per_channel(gamma, x.ndim) * xhat + _per_channel(beta, x.ndim), xhat
+    return _per_channel(gamma, x.ndim) * xhat + _per_channel(beta, x.ndim)
 
 
 def batchnorm_normalize(x, mean, inv_std, gamma, beta):
-    """x (N, C, H, W), the others (C,) of x's dtype -> (out, xhat), both (N, C, H, W)."""
+    """x (N, C, H, W), the others (C,) of x's dtype -> out (N, C, H, W) (see the reference)."""
     _check_float_array("x", x)
     if _extension is None:
         return batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta)
     out = np.empty(x.shape, dtype=x.dtype)
-    xhat = np.empty(x.shape, dtype=x.dtype)
-    _extension.batchnorm_normalize(_channels(x), mean, inv_std, gamma, beta, _channels(xhat), _channels(out))
-    return out, xhat
+    _extension.batchnorm_normalize(_channels(x), mean, inv_std, gamma, beta, _channels(out))
+    return out
 
 
-def batchnorm_backward_numpy(dout, xhat, gamma, inv_std, training):
+def batchnorm_backward_numpy(dout, x, mean, inv_std, gamma, training):
     """NumPy reference of the per-channel batch-norm backward (see ``functional.batchnorm_backward``).
 
-    dout, xhat (N, C, ...), gamma, inv_std (C,) -> (dx like dout, dgamma (C,), dbeta (C,)).
+    dout, x (N, C, ...) and the forward's mean, inv_std, and gamma (C,) ->
+    (dx like dout, dgamma (C,), dbeta (C,)).
     """
     axes = (0,) + tuple(range(2, dout.ndim))
     count = dout.size // dout.shape[1]
+    xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
     dbeta = dout.sum(axis=axes)
     dgamma = (dout * xhat).sum(axis=axes)
     scale = _per_channel(gamma * inv_std, dout.ndim)
@@ -365,18 +397,21 @@ def batchnorm_backward_numpy(dout, xhat, gamma, inv_std, training):
     return scale * (dout - mean_dout - xhat * mean_dout_xhat), dgamma, dbeta
 
 
-def batchnorm_backward(dout, xhat, gamma, inv_std, training):
-    """Per-channel batch-norm backward: dout, xhat (N, C, H, W); gamma, inv_std (C,)
-    -> (dx (N, C, H, W), dgamma (C,), dbeta (C,)), dtype of dout."""
+def batchnorm_backward(dout, x, mean, inv_std, gamma, training):
+    """Per-channel batch-norm backward from the forward's input ``x`` and statistics.
+
+    dout, x (N, C, H, W); mean, inv_std, gamma (C,) -> (dx (N, C, H, W), dgamma (C,),
+    dbeta (C,)), dtype of dout. ``xhat = (x - mean) * inv_std`` is recomputed, not stored.
+    """
     _check_float_array("dout", dout)
     if _extension is None:
-        return batchnorm_backward_numpy(dout, xhat, gamma, inv_std, training)
+        return batchnorm_backward_numpy(dout, x, mean, inv_std, gamma, training)
     C = dout.shape[1]
     dx = np.empty(dout.shape, dtype=dout.dtype)
     dgamma = np.empty(C, dtype=dout.dtype)
     dbeta = np.empty(C, dtype=dout.dtype)
-    _extension.batchnorm_backward(_channels(dout), _channels(xhat), gamma, inv_std, bool(training), _channels(dx),
-                                  dgamma, dbeta)
+    _extension.batchnorm_backward(_channels(dout), _channels(x), mean, inv_std, gamma, bool(training),
+                                  _channels(dx), dgamma, dbeta)
     return dx, dgamma, dbeta
 
 

@@ -145,9 +145,14 @@ class Conv2d(Module):
     ``w (F, C, KH, KW)``, ``b (F,)`` (omitted when ``bias=False``), where
     ``C = in_channels``, ``F = out_channels`` and ``kernel_size`` is an int or
     a (KH, KW) pair.
+
+    ``input_gradient=False`` makes ``backward`` skip dx and return None: the
+    first layer of a network needs no gradient for the images, and computing it
+    costs a GEMM and a col2im per step. The attribute can be changed later.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, pad=0, rng, dtype=np.float32, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, pad=0, rng, dtype=np.float32, bias=True,
+                 input_gradient=True):
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
         if isinstance(kernel_size, numbers.Integral):
@@ -169,19 +174,16 @@ class Conv2d(Module):
         if bias:
             params["b"] = np.zeros(out_channels, dtype=dtype)
         super().__init__(params)
-        self._buffers = {}  # reusable scratch arrays: "cols" (im2col output), "dcols" (its gradient)
-
-    def _reusable(self, name, shape, dtype):
-        """This layer's scratch array ``name``, kept between steps and reallocated only when
-        ``shape`` or ``dtype`` changes (a fresh allocation of tens of MiB page-faults every step)."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
-            buffer = self._buffers[name] = np.empty(shape, dtype=dtype)
-        return buffer
+        if not isinstance(input_gradient, (bool, np.bool_)):
+            raise TypeError(f"input_gradient must be a bool, got {type(input_gradient).__name__} ({input_gradient!r})")
+        self.input_gradient = bool(input_gradient)
+        self._buffers = {}  # reusable scratch arrays: "cols", the im2col output kept for backward
 
     def _cols_buffer(self, x):
-        """The reusable (C*KH*KW, N*OH*OW) im2col buffer for input ``x``, or None when ``x`` is
-        not a valid input (the functional layer then raises the precise error)."""
+        """The (C*KH*KW, N*OH*OW) im2col buffer for input ``x``, kept between steps and
+        reallocated only when the shape or dtype changes (a fresh allocation of tens of
+        MiB page-faults every step). None when ``x`` is not a valid input: the
+        functional layer then raises the precise error."""
         w = self.params["w"]
         if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != w.dtype or x.shape[1] != self.in_channels:
             return None
@@ -190,7 +192,11 @@ class Conv2d(Module):
         OW = F.conv_output_size(x.shape[3], KW, self.stride, self.pad)
         if OH < 1 or OW < 1:
             return None
-        return self._reusable("cols", (self.in_channels * KH * KW, N * OH * OW), x.dtype)
+        shape = (self.in_channels * KH * KW, N * OH * OW)
+        buffer = self._buffers.get("cols")
+        if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype:
+            buffer = self._buffers["cols"] = np.empty(shape, dtype=x.dtype)
+        return buffer
 
     def forward(self, x):
         # Reusing the cols buffer is safe: the only cache that refers to it is this
@@ -200,10 +206,7 @@ class Conv2d(Module):
         return out
 
     def backward(self, dout):
-        cache = self._take_cache()
-        cols = cache[1]
-        # dcols is scratch (col2im consumes it within the call): one buffer for every step.
-        dx, dw, db = F.conv_backward(dout, cache, dcols_out=self._reusable("dcols", cols.shape, cols.dtype))
+        dx, dw, db = F.conv_backward(dout, self._take_cache(), input_gradient=self.input_gradient)
         self._store_grads(w=dw, **({"b": db} if db is not None else {}))
         return dx
 

@@ -137,19 +137,28 @@ class Trainer:
             x = augment_batch(x, rng=self.rng, pad=self.crop_pad)
         return x
 
+    def batches(self):
+        """One epoch of training batches ``(x (B, C, H, W), y (B,))``, shuffled and augmented.
+
+        Draws from ``self.rng`` (shuffle, then each batch's augmentation), so the
+        sequence is fixed by the seed and by how many epochs came before; the torch
+        trainer consumes this same stream to see exactly the same batches.
+        """
+        split = self.dataset.train
+        order = self.rng.permutation(len(split))
+        for first in range(0, len(split), self.batch_size):
+            index = order[first:first + self.batch_size]
+            yield self._to_input(split.images[index], training=True), split.labels[index]
+
     # -- one epoch -----------------------------------------------------------------
     def train_epoch(self):
         """Run one pass over the shuffled training split; returns the epoch's training figures."""
-        model, split = self.model.train(), self.dataset.train
-        order = self.rng.permutation(len(split))
+        model = self.model.train()
         model.head_seconds = 0.0
         total_loss, total_correct, seen = 0.0, 0, 0
         bar = _progress_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.epochs}", self.progress)
         start = time.perf_counter()
-        for first in range(0, len(split), self.batch_size):
-            index = order[first:first + self.batch_size]
-            x = self._to_input(split.images[index], training=True)
-            y = split.labels[index]
+        for x, y in self.batches():
             values = self.scheduler.apply(self.step)
             # predict() first: it must not disturb the cache forward() leaves for backward().
             features = model.body.forward(x)

@@ -82,18 +82,22 @@ def test_training_touches_only_the_rows_on_the_targets_paths():
     head.backward()
     touched = set(np.flatnonzero(np.any(head.grads["node_W"] != 0, axis=1)))
     assert touched == set(head.row_grads["node_W"][0])
-    assert not touched & (on_path - {head.row_offsets[node] for k in (0, 1, 2) for node, _ in head.tree.path(k)})
+    new_path = {head.row_offsets[node] for k in (0, 1, 2) for node, _ in head.tree.path(k)}
+    assert not touched & (on_path - new_path)
 
 
-def test_large_batch_scatter_path_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("switch", ["_DENSE_SCATTER_LIMIT", "_GEMM_SCORE_FACTOR"])
+def test_alternative_paths_give_the_same_loss_and_gradients(monkeypatch, switch):
+    """The forward's gather path and the backward's scatter path (used for large trees or
+    huge batches) agree with the small-matrix paths the other tests exercise."""
     rng = np.random.default_rng(4)
     head = HierarchicalSoftmaxHead(6, 50, rng=rng, dtype=np.float64, tree=balanced_tree(50, 3))
     h, y = rng.standard_normal((20, 6)), rng.integers(0, 50, 20)
-    head.forward(h, y)
+    loss = head.forward(h, y)
     dh = head.backward()
     grads = {name: grad.copy() for name, grad in head.grads.items()}
-    monkeypatch.setattr(hierarchical_module, "_DENSE_SCATTER_LIMIT", 0)
-    head.forward(h, y)
+    monkeypatch.setattr(hierarchical_module, switch, 0)
+    assert head.forward(h, y) == pytest.approx(loss, rel=1e-13)
     np.testing.assert_allclose(head.backward(), dh, rtol=1e-12, atol=1e-15)
     for name in grads:
         np.testing.assert_allclose(head.grads[name], grads[name], rtol=1e-12, atol=1e-15)

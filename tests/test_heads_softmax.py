@@ -26,7 +26,8 @@ def test_functions_match_scipy_and_keep_dtype(dtype):
                                rtol=tolerance)
     assert logsumexp(logits).dtype == dtype
     np.testing.assert_allclose(softmax(logits, axis=0),
-                               special.softmax(logits.astype(np.float64), axis=0), rtol=tolerance, atol=tolerance)
+                               special.softmax(logits.astype(np.float64), axis=0),
+                               rtol=tolerance, atol=tolerance)
     assert logsumexp(logits, axis=0, keepdims=True).shape == (1, 7)
 
 

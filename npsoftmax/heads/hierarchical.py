@@ -49,6 +49,9 @@ from .trees import Tree, balanced_tree, huffman_tree, tree_from_groups
 #: Above this many (sample, touched row) pairs the backward scatters with np.add.at
 #: instead of building the (N, U) matrix A (only reached for very large batches).
 _DENSE_SCATTER_LIMIT = 1 << 22
+#: The forward scores all (sample, touched row) pairs with one GEMM while there are at
+#: most this many times as many pairs as path entries; otherwise it gathers rows per entry.
+_GEMM_SCORE_FACTOR = 16
 #: log_prob/predict are evaluated in row chunks with at most this many (row, edge) entries.
 _PREDICT_CHUNK_ENTRIES = 1 << 23
 
@@ -182,8 +185,15 @@ class HierarchicalSoftmaxHead(Head):
         choice_sample = step_sample[step_of]
         rows, inverse = np.unique(row, return_inverse=True)
         weight_rows = self.params["node_W"][rows]  # (U, D): each touched row copied once
-        scores = (np.einsum("cd,cd->c", weight_rows[inverse], h[choice_sample])
-                  + self.params["node_b"][rows][inverse])
+        # The C path scores, each a dot product of a touched row with its sample's h.
+        # Small trees (few distinct rows U, shared by all samples): one (N, U) GEMM and
+        # pick the entries; BLAS is ~16x faster per dot product than gathering (C, D)
+        # copies. Large trees (U ~ C): gather only the C needed pairs.
+        if n_samples * rows.size <= _GEMM_SCORE_FACTOR * row.size:
+            scores = (h @ weight_rows.T)[choice_sample, inverse]
+        else:
+            scores = np.einsum("cd,cd->c", weight_rows[inverse], h[choice_sample])
+        scores += self.params["node_b"][rows][inverse]
         log_normaliser = _segment_log_normaliser(scores, step_first, step_of)
         # The target child's score: its row's score, or 0 for the reference (last) child.
         n_free = self.tree.arity[step_node] - 1
