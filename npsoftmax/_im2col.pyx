@@ -1,13 +1,19 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled im2col / col2im kernels (see ``npsoftmax/im2col.py`` for the layout).
+"""Compiled kernels of a training step (see ``npsoftmax/im2col.py`` for the dispatch
+and the NumPy reference of each).
 
-Both kernels give one image at a time to each OpenMP thread (``prange`` over the batch):
-image ``n`` owns columns ``n*OH*OW ... (n+1)*OH*OW - 1`` of ``cols`` and its own
-slice of ``x``, so threads never write the same memory and col2im needs no atomics.
+* im2col / col2im (the layout is explained in ``im2col.py``). Both give one
+  image at a time to each OpenMP thread (``prange`` over the batch): image ``n``
+  owns columns ``n*OH*OW ... (n+1)*OH*OW - 1`` of ``cols`` and its own slice of
+  ``x``, so threads never write the same memory and col2im needs no atomics.
+* max pooling over windows that tile the input, with the argmax recorded in the
+  forward pass and used to route the gradient in the backward pass;
+* ReLU backward; batch-norm statistics, normalisation and backward, per channel
+  on NCHW arrays; the axis swap that turns GEMM rows into NCHW and back.
 
 The loops are typed (``Py_ssize_t`` indices, fused float/double memoryviews) and
 run without the GIL; no Python object is touched inside them. Callers (the
-dispatch in ``im2col.py``) validate shapes and pass C-contiguous arrays.
+dispatch in ``im2col.py``) validate shapes and pass contiguous arrays.
 """
 
 import numpy as np
@@ -39,6 +45,42 @@ cdef inline Py_ssize_t _end_valid(Py_ssize_t offset, Py_ssize_t pad, Py_ssize_t 
 
 
 
+cdef inline void _im2col_same_width_block(const floating_t* plane, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                          Py_ssize_t i, Py_ssize_t j, Py_ssize_t pad,
+                                          floating_t* destination) noexcept nogil:
+    """Kernel offset (i, j) of one image channel, when stride is 1 and OW == W.
+
+    Then destination[k] = plane[k + shift] with shift = (i - pad)*W + (j - pad)
+    for every pixel k = oh*W + ow whose source is inside the image: the whole
+    block is ONE contiguous copy instead of OH short row copies (rows of 8 or
+    16 values are mostly loop overhead). The copy also carries values from the
+    neighbouring row into the columns that should read the left/right padding;
+    those few are overwritten with zeros afterwards.
+    """
+    cdef Py_ssize_t oh, ow, first, last, low, high, shift = (i - pad) * W + (j - pad)
+    cdef Py_ssize_t oh_start = _first_valid(i, pad, 1), oh_end = _end_valid(i, pad, 1, H, OH)
+    cdef Py_ssize_t ow_start = _first_valid(j, pad, 1), ow_end = _end_valid(j, pad, 1, W, W)
+    if oh_start >= oh_end or ow_start >= ow_end:
+        memset(destination, 0, OH * W * sizeof(floating_t))
+        return
+    memset(destination, 0, oh_start * W * sizeof(floating_t))  # rows that read the top padding
+    memset(destination + oh_end * W, 0, (OH - oh_end) * W * sizeof(floating_t))  # ... the bottom padding
+    first = oh_start * W
+    last = oh_end * W
+    # Never read outside the plane: the skipped ends are padding columns, zeroed below.
+    low = first if first + shift >= 0 else -shift
+    high = last if last + shift <= H * W else H * W - shift
+    memcpy(destination + low, plane + low + shift, (high - low) * sizeof(floating_t))
+    # Padding columns, one strided pass each (a short loop per row would become a
+    # memset call per row: a function call to write one or two values).
+    for ow in range(ow_start):
+        for oh in range(oh_start, oh_end):
+            destination[oh * W + ow] = 0
+    for ow in range(ow_end, W):
+        for oh in range(oh_start, oh_end):
+            destination[oh * W + ow] = 0
+
+
 def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kernel_width,
            Py_ssize_t stride, Py_ssize_t pad, out=None):
     """x (N, C, H, W) C-contiguous -> cols (C*KH*KW, N*OH*OW), same dtype.
@@ -65,11 +107,16 @@ def im2col(floating_t[:, :, :, ::1] x, Py_ssize_t kernel_height, Py_ssize_t kern
     cdef Py_ssize_t n, c, i, j, oh, ow, row, h, w0, ow_start, ow_end
     cdef floating_t* destination
     cdef const floating_t* source
+    # "Same" convolutions (stride 1, output as wide as the input) take the block path below.
+    cdef bint same_width = stride == 1 and OW == W
     for n in prange(N, nogil=True, schedule="dynamic"):
         for c in range(C):
             for i in range(kernel_height):
                 for j in range(kernel_width):
                     row = (c * kernel_height + i) * kernel_width + j
+                    if same_width:
+                        _im2col_same_width_block(&x[n, c, 0, 0], H, W, OH, i, j, pad, &cols[row, n * OH * OW])
+                        continue
                     # Columns whose input pixel (h, w) is inside the image; the
                     # rest read the zero padding.
                     ow_start = _first_valid(j, pad, stride)
@@ -160,10 +207,10 @@ def col2im(floating_t[:, :] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_s
 # the memory traffic.
 #
 # Scheduling is "dynamic": threads take tasks of about CHUNK elements from a
-# shared counter as they become free. With a static split, a thread that the OS
-# has parked (another process on the core, or OpenBLAS threads still spinning
-# after a GEMM) holds up the whole loop until it runs again, which on a busy
-# 2-core machine made these loops ten times slower.
+# shared counter as they become free, so a thread that starts late (the OS ran
+# something else on its core) does less of the work instead of a fixed half.
+# Every parallel region still ends by waiting for all its threads, which is why
+# idle threads must not spin (see OMP_WAIT_POLICY in im2col.py).
 # ----------------------------------------------------------------------------
 cdef enum:
     CHUNK = 16384  # elements per parallel task of the elementwise loops (64 KiB of float32)

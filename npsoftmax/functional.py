@@ -93,6 +93,11 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
 def _check_buffer(name, buffer, shape, dtype):
     """An optional output buffer must be a C-contiguous ndarray of exactly this shape and dtype."""
     if buffer is None:
@@ -211,8 +216,9 @@ def _images_per_chunk(N, columns_per_image, rows, itemsize):
     return max(1, min(N, CONV_CHUNK_BYTES // max(rows * columns_per_image * itemsize, 1)))
 
 
-def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
-    """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product.
+def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
+    """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product
+    (computed a chunk of images at a time, see ``CONV_CHUNK_BYTES``).
 
     Parameters
     ----------
@@ -226,6 +232,11 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
         allocating; the cache refers to it, so the caller must not reuse it
         before the matching backward. ``Conv2d`` passes the same buffer every
         step: a fresh allocation of tens of MiB costs page faults every call.
+    keep_cols : bool
+        True (training): the cache keeps the whole batch's columns for the
+        backward pass. False (inference): only one chunk of columns exists at a
+        time and the cache keeps a reference to ``x`` instead; a backward pass
+        then recomputes the columns (slower, but possible).
 
     Returns
     -------
@@ -233,7 +244,8 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
         (likewise OW). When the stride does not tile the padded input the last
         partial window is dropped (floor division, as PyTorch does), so the
         last rows/columns of ``x`` may receive no gradient.
-    cache : (x_shape, cols, w, stride, pad, has_bias)
+    cache : (x_shape, cols, w, stride, pad, has_bias, x), with ``cols`` None and
+        ``x`` the input when ``keep_cols`` is False (``x`` None otherwise)
     """
     _require_ndim("x", x, 4, "(N, C, H, W)")
     _require_ndim("w", w, 4, "(F, C, KH, KW)")
@@ -255,8 +267,15 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
         _require_shape("b", b, (F,))
         _require_same_dtype("b", b, "w", w)
     _check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
+    _check_bool("keep_cols", keep_cols)
+    if cols_out is not None and not keep_cols:
+        raise ValueError("cols_out is only used with keep_cols=True (the cache keeps the columns)")
     x = np.ascontiguousarray(x)
-    cols = np.empty((w[0].size, N * P), dtype=x.dtype) if cols_out is None else cols_out
+    chunk = _images_per_chunk(N, P, w[0].size, x.itemsize)
+    if keep_cols:
+        cols = np.empty((w[0].size, N * P), dtype=x.dtype) if cols_out is None else cols_out
+    else:
+        scratch = np.empty((w[0].size, chunk * P), dtype=x.dtype)  # one chunk's columns, reused
     w_rows = w.reshape(F, -1)
     out = np.empty((N, F, OH, OW), dtype=x.dtype)
 
@@ -264,10 +283,9 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
     # and the whole convolution is one GEMM: out_rows (F, N*P) = w_rows (F, C*KH*KW) @ cols.
     # The columns of image n are block n of cols, so the GEMM splits by images: it runs
     # chunk by chunk, on columns im2col has just written (still in cache).
-    chunk = _images_per_chunk(N, P, cols.shape[0], x.itemsize)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
-        columns = cols[:, start * P : stop * P]
+        columns = cols[:, start * P : stop * P] if keep_cols else scratch[:, : (stop - start) * P]
         with section("im2col"):
             im2col(x[start:stop], KH, KW, stride, pad, out=columns)
         with section("conv GEMM"):
@@ -275,7 +293,9 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None):
         # Columns are ordered (n, oh, ow): out_rows is (F, images, OH*OW); move F after n
         # (and add the bias on the way, instead of a separate pass over the output).
         kernels.swap_leading_axes(out_rows.reshape(F, stop - start, P), out[start:stop].reshape(stop - start, F, P), b)
-    return out, (x.shape, cols, w, stride, pad, b is not None)
+    if keep_cols:
+        return out, (x.shape, cols, w, stride, pad, b is not None, None)
+    return out, (x.shape, None, w, stride, pad, b is not None, x)
 
 
 def conv_backward(dout, cache, *, input_gradient=True):
@@ -295,13 +315,14 @@ def conv_backward(dout, cache, *, input_gradient=True):
     dw : ndarray (F, C, KH, KW)
     db : ndarray (F,), or None when the forward pass had no bias
     """
-    x_shape, cols, w, stride, pad, has_bias = cache
+    x_shape, cols, w, stride, pad, has_bias, x = cache
     F, _, KH, KW = w.shape
     N = x_shape[0]
     OH = conv_output_size(x_shape[2], KH, stride, pad)
     OW = conv_output_size(x_shape[3], KW, stride, pad)
     P = OH * OW
     _check_upstream(dout, (N, F, OH, OW), w.dtype)
+    _check_bool("input_gradient", input_gradient)
     dout = np.ascontiguousarray(dout)
     w_rows = w.reshape(F, -1)
     dw_rows = np.zeros(w_rows.shape, dtype=w.dtype)
@@ -313,14 +334,21 @@ def conv_backward(dout, cache, *, input_gradient=True):
     #   dcols   = w_rows^T @ dout_rows, folded back into dx by col2im.
     # Chunks as in the forward pass: each chunk's dcols is written, folded and
     # reused while in cache; it never exists for the whole batch.
-    chunk = _images_per_chunk(N, P, cols.shape[0], cols.itemsize)
+    chunk = _images_per_chunk(N, P, w[0].size, w.itemsize)
+    if cols is None:  # the forward pass kept x instead of the columns: recompute them per chunk
+        scratch = np.empty((w[0].size, chunk * P), dtype=w.dtype)
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
         images = stop - start
         # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
         dout_rows = np.empty((F, images * P), dtype=dout.dtype)
         kernels.swap_leading_axes(dout[start:stop].reshape(images, F, P), dout_rows.reshape(F, images, P))
-        columns = cols[:, start * P : stop * P]
+        if cols is None:
+            columns = scratch[:, : images * P]
+            with section("im2col"):
+                im2col(x[start:stop], KH, KW, stride, pad, out=columns)
+        else:
+            columns = cols[:, start * P : stop * P]
         with section("conv GEMM"):
             # (columns.T is a transposed view: BLAS reads it in place, nothing is copied.)
             dw_rows += dout_rows @ columns.T
@@ -353,8 +381,9 @@ def _check_pool_arguments(x, size, stride):
 def max_pool_forward_reshape(x, size):
     """Max pooling for windows that tile the input exactly (``stride == size``).
 
-    Reshapes ``x`` to (N, C, H/size, size, W/size, size) so every window is a
-    block of the array, with no copy into columns. Raises ``ValueError`` when
+    Every window is a block of ``x`` viewed as (N, C, H/size, size, W/size, size):
+    no copy into columns (compiled kernel, or that reshape in NumPy when the
+    extension is not built). Raises ``ValueError`` when
     ``size`` does not divide H and W: this path never drops or pads pixels.
 
     Parameters
@@ -376,8 +405,9 @@ def max_pool_forward_reshape(x, size):
         )
     # Viewed as (N, C, H/size, size, W/size, size), every window is a block of the
     # array (im2col.max_pool_tiled_forward_numpy does exactly that); the compiled
-    # kernel runs the same loop over the blocks, one plane per thread. The argmax
-    # is the first maximum in row-major window order, the element PyTorch picks.
+    # kernel scans the same blocks, a band of rows per thread task. The argmax is
+    # recorded here (the first maximum in row-major window order, the element
+    # PyTorch picks), so the backward pass routes gradients without searching again.
     out, argmax = kernels.max_pool_tiled_forward(x, size)
     return out, ("reshape", x.shape, x.dtype, size, size, argmax)
 

@@ -244,7 +244,8 @@ def col2im(cols, x_shape, kernel_height, kernel_width, stride=1, pad=0, out=None
 
 
 # ----------------------------------------------------------------------------
-# The other compiled loops of a training step: max pooling, ReLU, batch norm.
+# The other compiled loops of a training step: max pooling, ReLU, batch norm,
+# and the axis swap around the conv GEMM.
 # Same pattern: a NumPy reference that states the math, and a dispatch that
 # runs the Cython kernel when it is built. Callers (functional.py) validate
 # arguments; these functions only check what the kernels rely on.

@@ -174,8 +174,7 @@ class Conv2d(Module):
         if bias:
             params["b"] = np.zeros(out_channels, dtype=dtype)
         super().__init__(params)
-        if not isinstance(input_gradient, (bool, np.bool_)):
-            raise TypeError(f"input_gradient must be a bool, got {type(input_gradient).__name__} ({input_gradient!r})")
+        F._check_bool("input_gradient", input_gradient)
         self.input_gradient = bool(input_gradient)
         self._buffers = {}  # reusable scratch arrays: "cols", the im2col output kept for backward
 
@@ -199,6 +198,12 @@ class Conv2d(Module):
         return buffer
 
     def forward(self, x):
+        if not self.training:
+            # Inference keeps no columns (one chunk at a time), so evaluating a big batch
+            # does not hold hundreds of MiB; a backward in eval mode recomputes them.
+            out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
+                                              keep_cols=False)
+            return out
         # Reusing the cols buffer is safe: the only cache that refers to it is this
         # layer's latest one, and this forward replaces it.
         out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
