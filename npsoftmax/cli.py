@@ -73,11 +73,16 @@ def build_parser(description=None):
                           help="learning-rate schedule (stepped every batch)")
     training.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--threads", type=int, default=None,
+                          help="limit OpenBLAS and OpenMP threads (default: all cores; use 1 on a busy machine, "
+                               "where idle threads spinning against other processes can slow steps 10x)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--run-dir", default=None, help="where history, checkpoint and plots go (default runs/<dataset>-<softmax>)")
     output.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.npz if present")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument("--profile", type=int, nargs="?", const=20, default=None, metavar="STEPS",
+                        help="time STEPS training steps (default 20) layer by layer, print the table and exit")
     return parser
 
 
@@ -195,6 +200,31 @@ def write_plots(trainer, dataset):
     return paths
 
 
+def profile_steps(trainer, steps):
+    """Run ``steps`` training steps under :func:`npsoftmax.profiler.profile`; return its table.
+
+    Only the steps are timed (no evaluation), on the run's real batches; nothing is saved.
+    """
+    from .profiler import profile
+
+    if steps < 1:
+        raise ValueError(f"--profile needs a positive number of steps, got {steps}")
+    model, optimizer = trainer.model.train(), trainer.optimizer
+    done = 0
+    with profile(model, optimizer) as profiler:
+        while done < steps:
+            for x, y in trainer.batches():
+                model.forward(x, y)
+                model.backward()
+                optimizer.step(model.grads)
+                done += 1
+                if done == steps:
+                    break
+    header = (f"profile of {steps} training steps: {trainer.model.head.__class__.__name__}, "
+              f"batch {trainer.batch_size}, {trainer.dtype}")
+    return header + "\n" + profiler.table()
+
+
 def main(argv=None):
     """Entry point of ``examples/train_np.py``; returns the process exit code."""
     return run(build_parser().parse_args(argv))
@@ -202,6 +232,13 @@ def main(argv=None):
 
 def run(args):
     """Train with already-parsed arguments (see :func:`build_parser`); returns the exit code."""
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return EXIT_DATA_ERROR
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)  # BLAS and OpenMP pools, for this process
     if args.epochs < 1 or args.batch_size < 1:
         print("error: --epochs and --batch-size must be positive", file=sys.stderr)
         return EXIT_DATA_ERROR
@@ -214,6 +251,9 @@ def run(args):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
     trainer = build_training(args, dataset)
+    if args.profile is not None:
+        print(profile_steps(trainer, args.profile))
+        return 0
     print(f"npsoftmax: {args.softmax} head on {args.dataset} "
           f"({len(dataset.train)} train / {len(dataset.test)} test images, {dataset.n_classes} classes), "
           f"run dir {trainer.run_dir}")

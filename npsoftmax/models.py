@@ -25,7 +25,7 @@ DEFAULT_FEATURE_DIM = 256
 
 
 def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True,
-             rng, dtype=np.float32):
+             input_gradient=False, rng, dtype=np.float32):
     """Build the conv body.
 
     Parameters
@@ -37,6 +37,11 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     feature_dim : int
         D, the size of the feature vector ``h`` handed to the head.
     batch_norm : bool
+    input_gradient : bool
+        Whether ``backward`` computes d loss / d image. Training never needs it (the
+        images are not parameters), so by default the first conv skips that col2im,
+        as PyTorch does for inputs that do not require grad; set True for saliency maps
+        or a gradient check with respect to the input.
     rng : numpy.random.Generator
     dtype : float32 (training) or float64 (gradient checks)
 
@@ -56,7 +61,8 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     for out_channels in widths:
         # Batch norm subtracts the per-channel mean, which cancels a conv bias exactly
         # (its gradient is 0), so the conv has a bias only when there is no batch norm.
-        modules.append(Conv2d(in_channels, out_channels, 3, pad=1, rng=rng, dtype=dtype, bias=not batch_norm))
+        modules.append(Conv2d(in_channels, out_channels, 3, pad=1, rng=rng, dtype=dtype, bias=not batch_norm,
+                              input_gradient=input_gradient or bool(modules)))
         if batch_norm:
             modules.append(BatchNorm2d(out_channels, dtype=dtype))
         modules += [ReLU(), MaxPool2d(2)]
@@ -131,7 +137,11 @@ class Classifier:
         return loss
 
     def backward(self):
-        """Back-propagate the last ``forward``'s loss; fills ``grads``. Returns dx (N, C, H, W)."""
+        """Back-propagate the last ``forward``'s loss; fills ``grads``.
+
+        Returns dx (N, C, H, W), or None when the body was built with
+        ``input_gradient=False`` (the default: training does not need it).
+        """
         start = time.perf_counter()
         dh = self.head.backward()
         self.head_seconds += time.perf_counter() - start
@@ -151,7 +161,7 @@ class Classifier:
 
 
 def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, widths=DEFAULT_WIDTHS,
-                feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True, head_options=None):
+                feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True, input_gradient=False, head_options=None):
     """The default CNN ending in the registered head ``head_name``.
 
     Parameters
@@ -171,7 +181,7 @@ def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, wid
     # Separate streams: the body's initial weights do not depend on which head follows it,
     # so runs that differ only in the head start from the same body.
     body_rng, head_rng = rng.spawn(2)
-    body = cnn_body(image_shape, widths=widths, feature_dim=feature_dim, batch_norm=batch_norm, rng=body_rng,
-                    dtype=dtype)
+    body = cnn_body(image_shape, widths=widths, feature_dim=feature_dim, batch_norm=batch_norm,
+                    input_gradient=input_gradient, rng=body_rng, dtype=dtype)
     head = make_head(head_name, feature_dim, n_classes, rng=head_rng, dtype=dtype, **(head_options or {}))
     return Classifier(body, head)

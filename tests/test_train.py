@@ -145,3 +145,33 @@ def test_cli_no_download_never_touches_the_network(tmp_path, capsys, monkeypatch
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar-100-python.tar.gz" in err and str(tmp_path) in err
+
+
+def test_cli_profile_prints_where_the_time_goes(tmp_path, capsys):
+    from npsoftmax.cli import main
+
+    code = main(["--dataset", "digits", "--subset", "200", "--widths", "4,8,8", "--feature-dim", "16",
+                 "--profile", "3", "--threads", "1", "--run-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "profile of 3 training steps" in out
+    for row in ("im2col", "conv GEMM", "col2im", "max pool", "batch norm", "relu", "head", "optimizer"):
+        assert row in out, row
+    assert not (tmp_path / "checkpoint.npz").exists()  # profiling trains nothing to keep
+
+
+def test_default_body_skips_the_image_gradient_but_can_compute_it(rng):
+    from npsoftmax.gradcheck import HEAD_TOLERANCE, gradient_errors
+
+    x = rng.standard_normal((2, 1, 8, 8))
+    y = np.array([3, 7])
+    default = build_model("softmax", 10, (1, 8, 8), rng=np.random.default_rng(0), dtype=np.float64,
+                          widths=(2, 3, 3), feature_dim=5)
+    default.forward(x, y)
+    assert default.backward() is None
+    model = build_model("softmax", 10, (1, 8, 8), rng=np.random.default_rng(0), dtype=np.float64,
+                        widths=(2, 3, 3), feature_dim=5, input_gradient=True, batch_norm=False)
+    model.forward(x, y)
+    dx = model.backward()
+    errors = gradient_errors(lambda: model.forward(x, y), {"x": x}, {"x": dx})
+    assert errors["x"] < HEAD_TOLERANCE  # the whole model ends in a head
