@@ -63,9 +63,9 @@ class NumpyRunner:
     def __init__(self, batch_norm, x, y, seed):
         self.model = build_model("softmax", N_CLASSES, IMAGE_SHAPE, rng=np.random.default_rng(seed),
                                  dtype=np.float32, batch_norm=batch_norm)
-        # torch computes no gradient for the images (they do not require grad); ask
-        # npsoftmax for the same work: its first conv skips dx (one GEMM and a col2im).
-        self.model.body[0].input_gradient = False
+        # torch computes no gradient for the images (they do not require grad); neither
+        # does the default npsoftmax body (its first conv skips dx: one GEMM and a col2im).
+        assert not self.model.body[0].input_gradient
         self.optimizer = SGD(self.model.params, lr=LEARNING_RATE, momentum=MOMENTUM)
         self.x, self.y = x, y
 

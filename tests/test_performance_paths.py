@@ -396,7 +396,7 @@ def assert_dtype(name, array, dtype):
 @pytest.mark.parametrize("batch_norm", [True, False], ids=["batch_norm", "plain"])
 def test_a_training_step_keeps_every_array_in_the_model_dtype(batch_norm, rng, dtype):
     model = build_model("softmax", 10, (3, 16, 16), rng=rng, dtype=dtype, widths=(4, 8), feature_dim=16,
-                        batch_norm=batch_norm)
+                        batch_norm=batch_norm, input_gradient=True)
     optimizer = SGD(model.params, lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = rng.standard_normal((5, 3, 16, 16)).astype(dtype)
     y = rng.integers(0, 10, 5)
@@ -430,7 +430,7 @@ def test_numpy_fallback_step_matches_the_compiled_step(batch_norm, rng, dtype, m
     """Without the extension every dispatch falls back to its NumPy reference: same numbers."""
     def one_step():
         model = build_model("softmax", 10, (3, 8, 8), rng=np.random.default_rng(5), dtype=dtype, widths=(4, 6),
-                            feature_dim=8, batch_norm=batch_norm)
+                            feature_dim=8, batch_norm=batch_norm, input_gradient=True)
         model.forward(x, y)
         dx = model.backward()
         model.eval()
@@ -459,7 +459,8 @@ def test_conv_gemm_flops_by_hand():
 
 
 def test_profiler_times_every_module_and_restores_them(rng):
-    model = build_model("softmax", 10, (3, 8, 8), rng=rng, widths=(4,), feature_dim=8)
+    # input_gradient=True: the only conv must also run col2im for the "col2im" section to appear.
+    model = build_model("softmax", 10, (3, 8, 8), rng=rng, widths=(4,), feature_dim=8, input_gradient=True)
     optimizer = SGD(model.params, lr=0.1, momentum=0.9)
     x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, 3)

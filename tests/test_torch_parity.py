@@ -265,7 +265,7 @@ MODEL_HEADS = {
 def test_model_sgd_steps_match_torch(head, batch_norm):
     rng = np.random.default_rng(21)
     ours = build_model(head, K, (1, 8, 8), rng=rng, dtype=F64, widths=(3, 4, 5), feature_dim=12,
-                       batch_norm=batch_norm, head_options=MODEL_HEADS[head])
+                       batch_norm=batch_norm, input_gradient=True, head_options=MODEL_HEADS[head])
     theirs = to_torch(ours)
     assert isinstance(theirs, TorchClassifier)
     settings = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
