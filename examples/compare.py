@@ -21,7 +21,7 @@ from npsoftmax.cli import HEAD_NAMES, build_parser, run
 
 COLUMNS = [("test_top1", "top-1", ".4f"), ("test_top5", "top-5", ".4f"),
            ("test_macro_precision", "macro P", ".4f"), ("test_macro_recall", "macro R", ".4f"),
-           ("test_macro_f1", "macro F1", ".4f"), ("epoch_seconds", "s/epoch", ".1f"),
+           ("test_macro_f1", "macro F1", ".4f"), ("epoch_seconds", "s/epoch", ".2f"),
            ("head_ms_per_batch", "head ms/batch", ".2f")]
 
 

@@ -176,7 +176,7 @@ def summary_table(history):
     """A plain-text table of the per-epoch history, one row per epoch."""
     columns = [("epoch", "d"), ("train_loss", ".4f"), ("train_top1", ".4f"), ("test_loss", ".4f"),
                ("test_top1", ".4f"), ("test_top5", ".4f"), ("test_macro_f1", ".4f"),
-               ("epoch_seconds", ".1f"), ("head_seconds", ".2f")]
+               ("epoch_seconds", ".2f"), ("head_seconds", ".3f")]
     lines = [" ".join(f"{name:>{len(name)}}" for name, _ in columns)]
     for record in history:
         lines.append(" ".join(f"{record.get(name, float('nan')):>{len(name)}{spec}}" for name, spec in columns))
