@@ -100,7 +100,7 @@ def manual_instructions(data_dir, url=None, size=None, md5=None):
         f"     and check it:  md5sum {archive}\n"
         f"  3. run again: it is verified and unpacked to {data_dir / FOLDER_NAME}/\n"
         f"     (or unpack it yourself:  tar -xzf {archive} -C {data_dir})\n"
-        f"Use another folder with data_dir=... or the {DATA_DIR_ENV} environment variable; "
+        f"Use another folder with data_dir=... (--data-dir on the command line) or the {DATA_DIR_ENV} environment variable; "
         f"{OFFLINE_ENV}=1 forbids downloading."
     )
 
