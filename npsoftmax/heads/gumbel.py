@@ -30,8 +30,9 @@ import numbers
 
 import numpy as np
 
-from .base import Head, check_dtype, check_generator, linear_weight
-from .softmax_functions import log_softmax, softmax, softmax_cross_entropy
+from .base import check_dtype, check_generator
+from .softmax import SoftmaxHead
+from .softmax_functions import softmax, softmax_cross_entropy
 
 
 def check_temperature(tau, name="tau"):
@@ -133,7 +134,7 @@ def gumbel_softmax_backward(dsample, cache):
     return soft * (dsample - inner) / tau
 
 
-class GumbelSoftmaxHead(Head):
+class GumbelSoftmaxHead(SoftmaxHead):
     """Linear projection trained through Gumbel-perturbed, temperature-scaled softmax.
 
     Training loss (``training`` mode): ``-(1/N) sum_i log softmax((z_i + g_i)/tau)[y_i]``
@@ -160,12 +161,9 @@ class GumbelSoftmaxHead(Head):
     """
 
     def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, tau=1.0):
+        self.tau = tau  # validated before anything is allocated
         super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
-        self.tau = tau
         self.last_noise = None
-        self._add_param("W", linear_weight(self.rng, self.in_features,
-                                           (self.in_features, self.n_classes), self.dtype))
-        self._add_param("b", np.zeros(self.n_classes, dtype=self.dtype))
 
     @property
     def tau(self):
@@ -176,11 +174,6 @@ class GumbelSoftmaxHead(Head):
     def tau(self, value):
         self._tau = check_temperature(value)
 
-    def logits(self, h):
-        """Noise-free class scores ``z = h W + b`` (N, K)."""
-        h = self._check_features(h)
-        return h @ self.params["W"] + self.params["b"]
-
     def forward(self, h, y, noise=None):
         """Mean training loss (with noise) in train mode, noise-free NLL in eval mode.
 
@@ -189,14 +182,12 @@ class GumbelSoftmaxHead(Head):
             noise: optional (N, K) Gumbel noise to use instead of a fresh draw
                 (training mode only; ``head.last_noise`` repeats the last one).
         """
-        h, y = self._check_batch(h, y)
-        logits = h @ self.params["W"] + self.params["b"]
         if not self.training:
             if noise is not None:
                 raise ValueError("noise is only used in training mode; this head is in eval mode")
-            loss, dlogits = softmax_cross_entropy(logits, y)
-            self._cache = (h, dlogits)
-            return loss
+            return super().forward(h, y)  # the noise-free NLL of softmax(z)
+        h, y = self._check_batch(h, y)
+        logits = h @ self.params["W"] + self.params["b"]
         if noise is None:
             noise = sample_gumbel(logits.shape, self.rng, self.dtype)
         else:
@@ -207,16 +198,9 @@ class GumbelSoftmaxHead(Head):
         self._cache = (h, dscaled / self.tau)
         return loss
 
-    def backward(self):
-        """Returns ``dh (N, D)`` and writes ``grads["W"]``, ``grads["b"]`` in place."""
-        h, dlogits = self._take_cache()
-        np.matmul(h.T, dlogits, out=self.grads["W"])
-        np.sum(dlogits, axis=0, out=self.grads["b"])
-        return dlogits @ self.params["W"].T
-
-    def log_prob(self, h):
-        """Noise-free ``log_softmax(h W + b)`` (N, K), independent of tau and of the mode."""
-        return log_softmax(self.logits(h))
+    # backward (dW = h^T dz, db = sum dz, dh = dz W^T from the cached dz), logits and
+    # log_prob (noise-free log_softmax(h W + b), independent of tau and of the mode)
+    # are SoftmaxHead's: only the training objective differs.
 
     def sample(self, h, hard=False):
         """A Gumbel-softmax sample (N, K) of the head's distribution at temperature tau."""
