@@ -7,6 +7,8 @@ Every head gets the same arguments as ``train_np.py`` (all its options work here
 ``--softmax`` is replaced by ``--heads``).
 Runs go to ``<runs-root>/<dataset>-<head>``; with ``--reuse`` a run whose
 ``history.json`` already has the requested number of epochs is not retrained.
+With ``--with-torch``, finished ``train_torch.py`` runs of the same heads
+(``<runs-root>/<dataset>-<head>-torch``) get rows of their own beside the NumPy ones.
 The report, ``<runs-root>/compare/report.md``, has one row per head: top-1,
 top-5, macro precision/recall/F1, seconds per epoch and head milliseconds per
 batch, plus a bar chart and the test-accuracy curves of all heads in one plot.
@@ -58,6 +60,8 @@ def main(argv=None):
     parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="comma-separated heads to compare")
     parser.add_argument("--runs-root", default="runs", help="parent folder of the runs and of compare/")
     parser.add_argument("--reuse", action="store_true", help="skip heads whose run already finished")
+    parser.add_argument("--with-torch", action="store_true",
+                        help="add a row for each finished train_torch.py run in <runs-root>/<dataset>-<head>-torch")
     args = parser.parse_args(argv)
     heads = [head.strip() for head in args.heads.split(",") if head.strip()]
     unknown = sorted(set(heads) - set(HEAD_NAMES))
@@ -77,6 +81,14 @@ def main(argv=None):
             if code != 0:
                 return code
         histories[head] = _read_json(history_path)[: args.epochs]
+        if args.with_torch:
+            torch_dir = os.path.join(args.runs_root, f"{args.dataset}-{head}-torch")
+            torch_history = os.path.join(torch_dir, "history.json")
+            if os.path.exists(torch_history):
+                histories[f"{head} (torch)"] = _read_json(torch_history)[: args.epochs]
+            else:
+                print(f"no torch run for {head}: python examples/train_torch.py --softmax {head} "
+                      f"--dataset {args.dataset} --epochs {args.epochs} --run-dir {torch_dir}")
 
     from npsoftmax.plots import plot_head_comparison
 

@@ -85,7 +85,7 @@ def plot_head_comparison(results, path, metrics=("test_top1", "test_macro_f1", "
 
     for axis, metric in zip(np.atleast_1d(axes), metrics):
         values = [results[name].get(metric, float("nan")) for name in names]
-        axis.bar(names, values, color=["C0", "C1", "C2", "C3", "C4"][: len(names)])
+        axis.bar(names, values, color=[f"C{index % 10}" for index in range(len(names))])
         axis.set_title(metric.replace("_", " "))
         axis.tick_params(axis="x", rotation=20)
         axis.grid(axis="y", alpha=0.3)
