@@ -9,14 +9,11 @@ median time of each and the ratio numpy / cython (higher = compiled is faster).
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved_medians, thread_report  # noqa: E402
-
-from npsoftmax import im2col as kernels  # noqa: E402
+from npsoftmax import im2col as kernels
+from npsoftmax.timing import interleaved_medians, thread_report
 
 
 def main(argv=None):

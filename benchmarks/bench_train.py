@@ -33,20 +33,16 @@ with ``OMP_WAIT_POLICY=ACTIVE`` to see the other one.
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 # Before numpy, npsoftmax or torch load an OpenMP runtime (it reads this once).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved_medians, thread_report  # noqa: E402
-
 from npsoftmax.models import build_model  # noqa: E402
 from npsoftmax.optim import SGD  # noqa: E402
 from npsoftmax.profiler import conv_gemm_flops, profile  # noqa: E402
+from npsoftmax.timing import interleaved_medians, thread_report  # noqa: E402
 
 N_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)

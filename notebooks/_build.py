@@ -825,17 +825,9 @@ def convolution_notebook():
         `benchmarks/bench_im2col.py` measures this more carefully.
         """),
         code(r"""
-        def interleaved_medians(candidates, repeats):
-            # Median seconds per call of each zero-argument function, timed A, B, C, A, B, C, ...
-            for function in candidates.values():
-                function()  # warm-up: page faults, caches, thread start-up
-            samples = {name: [] for name in candidates}
-            for _ in range(repeats):
-                for name, function in candidates.items():
-                    start = time.perf_counter()
-                    function()
-                    samples[name].append(time.perf_counter() - start)
-            return {name: float(np.median(times)) for name, times in samples.items()}
+        # Median seconds per call of each zero-argument function, timed A, B, C, A, B, C, ...
+        # after warm-up calls (page faults, caches, thread start-up): the package's own helper.
+        from npsoftmax.timing import interleaved_medians
 
         x_big = rng.standard_normal((16, 16, 32, 32)).astype(np.float32)
         reference = naive_im2col(x_big, 3, 3, 1, 1)
@@ -1672,16 +1664,7 @@ def hierarchical_notebook():
         whatever machine runs this notebook; read the slopes.
         """),
         code(r"""
-        def interleaved_medians(candidates, repeats):
-            for function in candidates.values():
-                function()
-            samples = {name: [] for name in candidates}
-            for _ in range(repeats):
-                for name, function in candidates.items():
-                    start = time.perf_counter()
-                    function()
-                    samples[name].append(time.perf_counter() - start)
-            return {name: float(np.median(times)) for name, times in samples.items()}
+        from npsoftmax.timing import interleaved_medians  # timed interleaved, medians
 
         def training_step(head, h, y):
             return lambda: (head.forward(h, y), head.backward())
@@ -1881,16 +1864,7 @@ def adaptive_notebook():
         better as $K$ grows.
         """),
         code(r"""
-        def interleaved_medians(candidates, repeats):
-            for function in candidates.values():
-                function()
-            samples = {name: [] for name in candidates}
-            for _ in range(repeats):
-                for name, function in candidates.items():
-                    start = time.perf_counter()
-                    function()
-                    samples[name].append(time.perf_counter() - start)
-            return {name: float(np.median(times)) for name, times in samples.items()}
+        from npsoftmax.timing import interleaved_medians  # timed interleaved, medians
 
         def predicted_speedup(head, labels):
             D = head.in_features

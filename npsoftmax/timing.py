@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts: interleaved medians and thread report.
+"""Timing helpers shared by the benchmark scripts and the notebooks: interleaved medians, thread report.
 
 These VMs are noisy, so every benchmark times its candidates *interleaved* in one
 process (A, B, A, B, ...) and reports medians and ratios, never absolute claims.
