@@ -117,3 +117,29 @@ def test_bad_geometry_raises_value_error(call, message, rng):
 def test_integer_input_raises_type_error():
     with pytest.raises(TypeError, match="x must be float32 or float64, got dtype int64"):
         kernels.im2col(np.zeros((1, 1, 4, 4), dtype=np.int64), 2, 2)
+
+
+def test_without_the_extension_the_package_works_and_says_so_once():
+    """Block the compiled module in a fresh interpreter: one warning, then a correct NumPy step."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["npsoftmax._im2col"] = None          # as if the extension was never built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import numpy as np
+            import npsoftmax, npsoftmax.functional, npsoftmax.layers, npsoftmax.im2col as kernels
+            from npsoftmax.models import build_model
+            model = build_model("softmax", 10, (1, 8, 8), rng=np.random.default_rng(0), widths=(2, 3, 3),
+                                feature_dim=4)
+            loss = model.forward(np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32),
+                                 np.array([1, 2, 3]))
+            model.backward()
+        messages = [str(w.message) for w in caught if "not built" in str(w.message)]
+        print(kernels.BACKEND, len(messages), np.isfinite(loss))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["numpy", "1", "True"], result.stdout + result.stderr
