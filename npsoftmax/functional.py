@@ -24,6 +24,7 @@ import numpy as np
 from . import im2col as kernels
 from .im2col import col2im, conv_output_size, im2col
 from .profiler import section
+from .validation import check_int
 
 __all__ = [
     "affine_forward",
@@ -82,15 +83,6 @@ def _check_upstream(dout, shape, dtype):
         raise ValueError(f"dout must have the forward output's shape {tuple(shape)}, got {dout.shape}")
     if dout.dtype != dtype:
         raise TypeError(f"dout must have the forward output's dtype {np.dtype(dtype)}, got {dout.dtype}")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        qualifier = "positive" if minimum == 1 else f">= {minimum}"
-        raise ValueError(f"{name} must be {qualifier}, got {value}")
-    return int(value)
 
 
 def _check_bool(name, value):
@@ -255,8 +247,8 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
             f"expects C = {w.shape[1]} (w shape {w.shape})"
         )
     _require_same_dtype("x", x, "w", w)
-    stride = _check_int("stride", stride, 1)
-    pad = _check_int("pad", pad, 0)
+    stride = check_int(stride, "stride", 1)
+    pad = check_int(pad, "pad", 0)
     F, _, KH, KW = w.shape
     _check_kernel_fits(x.shape, KH, KW, pad, f"w shape {w.shape}")
     N = x.shape[0]
@@ -368,8 +360,8 @@ def conv_backward(dout, cache, *, input_gradient=True):
 # ----------------------------------------------------------------------------
 def _check_pool_arguments(x, size, stride):
     _require_ndim("x", x, 4, "(N, C, H, W)")
-    size = _check_int("size", size, 1)
-    stride = _check_int("stride", stride, 1)
+    size = check_int(size, "size", 1)
+    stride = check_int(stride, "stride", 1)
     if size > x.shape[2] or size > x.shape[3]:
         raise ValueError(
             f"pool size {size} is larger than the input's spatial size {x.shape[2:]} "

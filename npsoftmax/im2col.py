@@ -40,6 +40,8 @@ import warnings
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .validation import FLOAT_DTYPES, check_int
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when the OpenMP runtime starts
 
 try:
@@ -59,9 +61,6 @@ HAVE_EXTENSION = _extension is not None
 #: Name of the backend that :func:`im2col` and :func:`col2im` dispatch to.
 BACKEND = "cython" if HAVE_EXTENSION else "numpy"
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def conv_output_size(size, kernel_size, stride, pad):
     """Number of window positions along one axis: ``(size + 2*pad - kernel) // stride + 1``.
 
@@ -69,14 +68,6 @@ def conv_output_size(size, kernel_size, stride, pad):
     last partial window (floor division).
     """
     return (size + 2 * pad - kernel_size) // stride + 1
-
-
-def _check_positive_int(name, value, minimum=1):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_window_arguments(x_shape, kernel_height, kernel_width, stride, pad):
@@ -94,10 +85,10 @@ def check_window_arguments(x_shape, kernel_height, kernel_width, stride, pad):
     """
     if len(x_shape) != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x_shape)}")
-    kernel_height = _check_positive_int("kernel_height", kernel_height)
-    kernel_width = _check_positive_int("kernel_width", kernel_width)
-    stride = _check_positive_int("stride", stride)
-    pad = _check_positive_int("pad", pad, minimum=0)
+    kernel_height = check_int(kernel_height, "kernel_height")
+    kernel_width = check_int(kernel_width, "kernel_width")
+    stride = check_int(stride, "stride")
+    pad = check_int(pad, "pad", minimum=0)
     _, _, height, width = x_shape
     padded = (height + 2 * pad, width + 2 * pad)
     if kernel_height > padded[0] or kernel_width > padded[1]:
@@ -114,7 +105,7 @@ def check_window_arguments(x_shape, kernel_height, kernel_width, stride, pad):
 def _check_float_array(name, array):
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype not in _FLOAT_DTYPES:
+    if array.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {array.dtype}")
 
 
@@ -319,7 +310,7 @@ def max_pool_tiled_backward(dout, argmax, size):
 
 def relu_backward(dout, x):
     """``dx = dout where x > 0 else 0`` for arrays of one shape and dtype (any shape)."""
-    if _extension is None or dout.dtype != x.dtype or dout.dtype not in _FLOAT_DTYPES:
+    if _extension is None or dout.dtype != x.dtype or dout.dtype not in FLOAT_DTYPES:
         return np.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
     dx = np.empty(x.shape, dtype=x.dtype)
     _extension.relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(x).reshape(-1),

@@ -26,6 +26,7 @@ import numbers
 import numpy as np
 
 from . import functional as F
+from .validation import check_dtype, check_generator, check_int
 
 __all__ = [
     "Module",
@@ -39,32 +40,6 @@ __all__ = [
     "Flatten",
     "Sequential",
 ]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _check_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
-
-
-def _check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)), got {type(rng).__name__}"
-        )
-    return rng
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
-
 
 def _kaiming_normal(rng, shape, fan_in, dtype):
     """He/Kaiming normal init: std sqrt(2 / fan_in) keeps activations' variance through ReLUs."""
@@ -91,8 +66,8 @@ class Module:
         self.training = False
         return self
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
 
     def _take_cache(self):
         if self._cache is None:
@@ -116,10 +91,10 @@ class Linear(Module):
     """
 
     def __init__(self, in_features, out_features, *, rng, dtype=np.float32, bias=True):
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
-        dtype = _check_dtype(dtype)
-        params = {"w": _kaiming_normal(_check_rng(rng), (in_features, out_features), in_features, dtype)}
+        self.in_features = check_int(in_features, "in_features")
+        self.out_features = check_int(out_features, "out_features")
+        dtype = check_dtype(dtype)
+        params = {"w": _kaiming_normal(check_generator(rng), (in_features, out_features), in_features, dtype)}
         if bias:
             params["b"] = np.zeros(out_features, dtype=dtype)
         super().__init__(params)
@@ -153,24 +128,22 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, pad=0, rng, dtype=np.float32, bias=True,
                  input_gradient=True):
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.out_channels = check_int(out_channels, "out_channels")
         if isinstance(kernel_size, numbers.Integral):
             kernel_size = (kernel_size, kernel_size)
         if not isinstance(kernel_size, (tuple, list)) or len(kernel_size) != 2:
             raise TypeError(f"kernel_size must be an int or a (KH, KW) pair, got {kernel_size!r}")
         self.kernel_size = (
-            _check_positive_int("kernel_size[0]", kernel_size[0]),
-            _check_positive_int("kernel_size[1]", kernel_size[1]),
+            check_int(kernel_size[0], "kernel_size[0]"),
+            check_int(kernel_size[1], "kernel_size[1]"),
         )
-        self.stride = _check_positive_int("stride", stride)
-        if isinstance(pad, (bool, np.bool_)) or not isinstance(pad, numbers.Integral) or pad < 0:
-            raise ValueError(f"pad must be an int >= 0, got {pad!r}")
-        self.pad = int(pad)
-        dtype = _check_dtype(dtype)
+        self.stride = check_int(stride, "stride")
+        self.pad = check_int(pad, "pad", minimum=0)
+        dtype = check_dtype(dtype)
         shape = (out_channels, in_channels, *self.kernel_size)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        params = {"w": _kaiming_normal(_check_rng(rng), shape, fan_in, dtype)}
+        params = {"w": _kaiming_normal(check_generator(rng), shape, fan_in, dtype)}
         if bias:
             params["b"] = np.zeros(out_channels, dtype=dtype)
         super().__init__(params)
@@ -230,8 +203,8 @@ class MaxPool2d(Module):
     """
 
     def __init__(self, size=2, stride=None):
-        self.size = _check_positive_int("size", size)
-        self.stride = self.size if stride is None else _check_positive_int("stride", stride)
+        self.size = check_int(size, "size")
+        self.stride = self.size if stride is None else check_int(stride, "stride")
         super().__init__()
 
     def forward(self, x):
@@ -263,14 +236,14 @@ class _BatchNorm(Module):
     _backward = None
 
     def __init__(self, num_features, *, momentum=0.1, eps=1e-5, dtype=np.float32):
-        self.num_features = _check_positive_int("num_features", num_features)
+        self.num_features = check_int(num_features, "num_features")
         if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
         if not isinstance(eps, numbers.Real) or not eps > 0.0:
             raise ValueError(f"eps must be a positive number, got {eps!r}")
         self.momentum = float(momentum)
         self.eps = float(eps)
-        dtype = _check_dtype(dtype)
+        dtype = check_dtype(dtype)
         super().__init__(
             params={"gamma": np.ones(num_features, dtype=dtype), "beta": np.zeros(num_features, dtype=dtype)},
             buffers={
@@ -335,7 +308,7 @@ class Dropout(Module):
 
     def __init__(self, p, *, rng):
         self.p = F._check_dropout_probability(p)
-        self.rng = _check_rng(rng)
+        self.rng = check_generator(rng)
         super().__init__()
 
     def forward(self, x):

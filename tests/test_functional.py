@@ -559,7 +559,7 @@ def test_conv_rejects_a_kernel_larger_than_the_padded_input(rng):
 
 @pytest.mark.parametrize("stride", [0, -1])
 def test_conv_rejects_non_positive_stride(stride, rng):
-    with pytest.raises(ValueError, match=f"stride must be positive, got {stride}"):
+    with pytest.raises(ValueError, match=f"stride must be >= 1, got {stride}"):
         F.conv_forward(*conv_arrays(rng), stride=stride)
 
 
@@ -586,7 +586,7 @@ def test_max_pool_reshape_rejects_windows_that_do_not_tile(rng):
 def test_max_pool_rejects_bad_arguments(rng):
     with pytest.raises(ValueError, match=r"x must be 4-D \(N, C, H, W\), got shape \(2, 4, 4\)"):
         F.max_pool_forward(random_array(rng, (2, 4, 4)))
-    with pytest.raises(ValueError, match="stride must be positive, got 0"):
+    with pytest.raises(ValueError, match="stride must be >= 1, got 0"):
         F.max_pool_forward(random_array(rng, (1, 1, 4, 4)), 2, 0)
     with pytest.raises(ValueError, match=r"pool size 5 is larger than .*\(4, 6\).*x shape \(1, 1, 4, 6\)"):
         F.max_pool_forward(random_array(rng, (1, 1, 4, 6)), 5, 1)

@@ -272,7 +272,7 @@ def test_constructors_reject_bad_arguments(rng):
         L.Conv2d(1, 2, 3, rng=rng, dtype=np.int64)
     with pytest.raises(TypeError, match=r"kernel_size must be an int or a \(KH, KW\) pair, got \(3, 3, 3\)"):
         L.Conv2d(1, 2, (3, 3, 3), rng=rng)
-    with pytest.raises(ValueError, match="stride must be positive, got 0"):
+    with pytest.raises(ValueError, match="stride must be >= 1, got 0"):
         L.Conv2d(1, 2, 3, stride=0, rng=rng)
     with pytest.raises(ValueError, match="p must be in \\[0, 1\\), got 1.0"):
         L.Dropout(1.0, rng=rng)

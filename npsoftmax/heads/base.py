@@ -18,41 +18,10 @@ into them (``W -= lr * dW``) trains the head; entries are never rebound. ``grads
 has the same keys and shapes and is overwritten in place by every ``backward``.
 """
 
-import numbers
-
 import numpy as np
 
-#: The dtypes a head computes in: float32 for training, float64 for gradient checks.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def check_dtype(dtype):
-    """Return ``dtype`` as a numpy dtype, which must be float32 or float64 (TypeError otherwise)."""
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
-    if resolved not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {resolved}")
-    return resolved
-
-
-def check_positive_int(value, name, minimum=1):
-    """Return ``value`` as a python int >= ``minimum``; bools and floats are rejected."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_generator(rng):
-    """Require a ``numpy.random.Generator`` (the heads never touch global random state)."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)), "
-            f"got {type(rng).__name__}")
-    return rng
+from ..layers import Module
+from ..validation import check_dtype, check_generator, check_int  # noqa: F401  (used by the head files)
 
 
 def check_labels(y, n_samples, n_classes, name="y"):
@@ -96,8 +65,8 @@ def linear_weight(rng, fan_in, shape, dtype):
     return weight
 
 
-class Head:
-    """Base class of the softmax heads: construction checks, train/eval and input validation.
+class Head(Module):
+    """Base class of the softmax heads: construction checks and input validation.
 
     Subclasses implement ``forward``, ``backward``, ``log_prob`` and ``predict``
     and fill ``self.params`` / ``self.grads`` (same keys, same shapes, live arrays).
@@ -111,26 +80,13 @@ class Head:
     """
 
     def __init__(self, in_features, n_classes, *, rng, dtype=np.float32):
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
+        self.in_features = check_int(in_features, "in_features")
+        self.n_classes = check_int(n_classes, "n_classes", minimum=2)
         self.rng = check_generator(rng)
         self.dtype = check_dtype(dtype)
-        self.params = {}
-        self.grads = {}
-        self.buffers = {}
-        self.training = True
-        self._cache = None
-
-    # -- mode -------------------------------------------------------------------------
-    def train(self):
-        """Switch to training mode (the mode ``forward``/``backward`` learn in); returns self."""
-        self.training = True
-        return self
-
-    def eval(self):
-        """Switch to evaluation mode (deterministic, no sampling); returns self."""
-        self.training = False
-        return self
+        # params/grads/buffers (filled by the subclass), the training flag, train()/eval()
+        # and the cache come from Module: a head is a module whose forward also takes y.
+        super().__init__()
 
     # -- helpers shared by the heads -----------------------------------------------------
     def _add_param(self, name, value):

@@ -28,7 +28,7 @@ Builders:
 
 import numpy as np
 
-from .base import check_positive_int
+from .base import check_int
 
 
 def _concatenated_ranges(starts, lengths):
@@ -61,7 +61,7 @@ class Tree:
     """
 
     def __init__(self, child_offsets, children, n_classes):
-        self.n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
+        self.n_classes = check_int(n_classes, "n_classes", minimum=2)
         child_offsets = self._as_int_array(child_offsets, "child_offsets")
         children = self._as_int_array(children, "children")
         n_internal = child_offsets.size - 1
@@ -221,8 +221,8 @@ def balanced_tree(n_classes, branching=2):
     Returns:
         Tree with ``ceil((K - 1) / (branching - 1))``-ish internal nodes, breadth-first numbered.
     """
-    n_classes = check_positive_int(n_classes, "n_classes", minimum=2)
-    branching = check_positive_int(branching, "branching", minimum=2)
+    n_classes = check_int(n_classes, "n_classes", minimum=2)
+    branching = check_int(branching, "branching", minimum=2)
     arities, children = [], []
     starts = np.zeros(1, dtype=np.int64)
     sizes = np.array([n_classes], dtype=np.int64)
