@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from npsoftmax.cli import HEAD_NAMES, build_parser, run
+from npsoftmax.cli import HEAD_NAMES, build_parser, check_args, run
 
 COLUMNS = [("test_top1", "top-1", ".4f"), ("test_top5", "top-5", ".4f"),
            ("test_macro_precision", "macro P", ".4f"), ("test_macro_recall", "macro R", ".4f"),
@@ -63,6 +63,10 @@ def main(argv=None):
     parser.add_argument("--with-torch", action="store_true",
                         help="add a row for each finished train_torch.py run in <runs-root>/<dataset>-<head>-torch")
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     heads = [head.strip() for head in args.heads.split(",") if head.strip()]
     unknown = sorted(set(heads) - set(HEAD_NAMES))
     if unknown:

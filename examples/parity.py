@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for train_torc
 
 from train_torch import apply_schedules, build_torch_parser  # noqa: E402
 
-from npsoftmax.cli import build_training, load_dataset  # noqa: E402
+from npsoftmax.cli import build_training, check_args, load_dataset  # noqa: E402
 from npsoftmax.torch_adapter import (buffers_from_torch, params_from_torch, require_torch,  # noqa: E402
                                      to_torch, to_torch_optimizer)
 
@@ -137,7 +137,12 @@ def run_parity(args):
 
 
 def main(argv=None):
-    args = build_parity_parser().parse_args(argv)
+    parser = build_parity_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     result = run_parity(args)
     worst = sorted(result["weight_differences"].items(), key=lambda item: -item[1])[:3]
     print(f"{result['softmax']} head on {result['dataset']}, {result['dtype']}, {result['device']}: "

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from npsoftmax.checkpoint import save_checkpoint
-from npsoftmax.cli import EXIT_DATA_ERROR, EXIT_DIVERGED, build_parser, build_training, load_dataset, \
+from npsoftmax.cli import EXIT_DATA_ERROR, EXIT_DIVERGED, build_parser, build_training, check_args, load_dataset, \
     summary_table, write_plots
 from npsoftmax.torch_adapter import copy_from_torch, head_loss, require_torch, to_torch, to_torch_optimizer
 
@@ -125,9 +125,6 @@ def train_epoch(trainer, model, optimizer, device):
 def run(args):
     """Train with parsed arguments; returns the exit code (0, 2 data/setup error, 3 diverged)."""
     torch = require_torch()
-    if args.epochs < 1 or args.batch_size < 1:
-        print("error: --epochs and --batch-size must be positive", file=sys.stderr)
-        return EXIT_DATA_ERROR
     if args.resume:
         print("error: train_torch.py does not resume; use train_np.py --resume", file=sys.stderr)
         return EXIT_DATA_ERROR
@@ -186,7 +183,13 @@ def run(args):
 
 
 def main(argv=None):
-    return run(build_torch_parser().parse_args(argv))
+    parser = build_torch_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ summary table and writes plots next to ``history.json`` in the run folder.
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -119,8 +120,6 @@ def head_options(args, dataset):
     if args.softmax == "hierarchical":
         tree = args.tree or ("superclass" if args.dataset == "cifar100" else "balanced")
         if tree == "superclass":
-            if args.dataset != "cifar100":
-                raise ValueError("--tree superclass needs --dataset cifar100 (the digits have no superclasses)")
             return {"tree": tree_from_groups(dataset.coarse_of_fine())}
         if tree == "huffman":
             return {"tree": huffman_tree(np.bincount(dataset.train.labels, minlength=n_classes))}
@@ -149,7 +148,7 @@ def build_training(args, dataset):
                         weight_decay=args.weight_decay)
     else:
         optimizer = Adam(model.params, lr=lr, weight_decay=args.weight_decay)
-    steps_per_epoch = -(-min(len(dataset.train), len(dataset.train)) // args.batch_size)
+    steps_per_epoch = math.ceil(len(dataset.train) / args.batch_size)  # what Trainer.steps_per_epoch gives
     total_steps = steps_per_epoch * args.epochs
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     if args.schedule == "cosine":
@@ -207,8 +206,6 @@ def profile_steps(trainer, steps):
     """
     from .profiler import profile
 
-    if steps < 1:
-        raise ValueError(f"--profile needs a positive number of steps, got {steps}")
     model, optimizer = trainer.model.train(), trainer.optimizer
     done = 0
     with profile(model, optimizer) as profiler:
@@ -227,21 +224,34 @@ def profile_steps(trainer, steps):
 
 def main(argv=None):
     """Entry point of ``examples/train_np.py``; returns the process exit code."""
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))  # usage + message, exit status 2
+    return run(args)
+
+
+def check_args(args):
+    """Raise ValueError naming the option when parsed arguments cannot describe a run."""
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--threads", args.threads),
+                          ("--subset", args.subset), ("--profile", args.profile)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if args.tree == "superclass" and args.dataset != "cifar100":
+        raise ValueError("--tree superclass needs --dataset cifar100 (the digits have no superclasses)")
+    if args.tau <= 0 or args.tau_min <= 0 or args.anneal_rate < 0:
+        raise ValueError(f"--tau and --tau-min must be > 0 and --anneal-rate >= 0, got {args.tau}, "
+                         f"{args.tau_min}, {args.anneal_rate}")
 
 
 def run(args):
-    """Train with already-parsed arguments (see :func:`build_parser`); returns the exit code."""
+    """Train with parsed arguments that passed :func:`check_args`; returns the exit code."""
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return EXIT_DATA_ERROR
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=args.threads)  # BLAS and OpenMP pools, for this process
-    if args.epochs < 1 or args.batch_size < 1:
-        print("error: --epochs and --batch-size must be positive", file=sys.stderr)
-        return EXIT_DATA_ERROR
     from .data import DatasetError
     from .train import TrainingDiverged
 

@@ -175,3 +175,20 @@ def test_default_body_skips_the_image_gradient_but_can_compute_it(rng):
     dx = model.backward()
     errors = gradient_errors(lambda: model.forward(x, y), {"x": x}, {"x": dx})
     assert errors["x"] < HEAD_TOLERANCE  # the whole model ends in a head
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--subset", "-3"], "--subset must be >= 1, got -3"),
+    (["--tau", "0"], "--tau and --tau-min must be > 0"),
+    (["--dataset", "digits", "--softmax", "hierarchical", "--tree", "superclass"], "needs --dataset cifar100"),
+])
+def test_cli_rejects_impossible_options_with_usage(argv, message, capsys):
+    from npsoftmax.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
