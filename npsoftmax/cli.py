@@ -246,12 +246,34 @@ def check_args(args):
                          f"{args.tau_min}, {args.anneal_rate}")
 
 
+def busy_machine_warning():
+    """A hint to use ``--threads 1`` when other processes already keep every core busy, else None.
+
+    Idle BLAS threads spin while they wait; when another process holds the other cores,
+    each multi-threaded GEMM waits for a thread that is not scheduled, and steps have
+    been measured 10-30x slower (PERFORMANCE-NOTES, README "Threads").
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
+    if cores > 1 and load >= cores - 0.5:
+        return (f"note: this machine is busy (load {load:.1f} on {cores} cores); multi-threaded BLAS can "
+                f"stall next to other processes - if steps are slow, try --threads 1")
+    return None
+
+
 def run(args):
     """Train with parsed arguments that passed :func:`check_args`; returns the exit code."""
     if args.threads is not None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=args.threads)  # BLAS and OpenMP pools, for this process
+    else:
+        hint = busy_machine_warning()
+        if hint:
+            print(hint, file=sys.stderr)
     from .data import DatasetError
     from .train import TrainingDiverged
 

@@ -192,3 +192,13 @@ def test_cli_rejects_impossible_options_with_usage(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err
+
+
+def test_busy_machine_hint_depends_on_load(monkeypatch):
+    from npsoftmax import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    assert "--threads 1" in cli.busy_machine_warning()
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert cli.busy_machine_warning() is None
