@@ -30,6 +30,7 @@ from .data.transforms import augment as augment_batch
 from .data.transforms import channel_mean_std, normalize
 from .metrics import classification_report, confusion_matrix
 from .optim import Scheduler
+from .validation import check_dtype, check_int
 
 CHECKPOINT_NAME = "checkpoint.npz"
 HISTORY_NAME = "history.json"
@@ -89,20 +90,16 @@ class Trainer:
     def __init__(self, model, optimizer, dataset, *, epochs, batch_size=128, run_dir="runs/default", seed=0,
                  augment=False, crop_pad=4, dtype=np.float32, lr_schedule=None, tau_schedule=None,
                  coarse_of_fine=None, eval_batch_size=500, progress=True, on_epoch_end=None):
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
         self.optimizer = optimizer
         self.dataset = dataset
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.epochs = check_int(epochs, "epochs")
+        self.batch_size = check_int(batch_size, "batch_size")
+        self.eval_batch_size = check_int(eval_batch_size, "eval_batch_size")
         self.run_dir = os.fspath(run_dir)
         self.augment = augment
         self.crop_pad = crop_pad
-        self.dtype = np.dtype(dtype)
+        self.dtype = check_dtype(dtype)
         self.coarse_of_fine = coarse_of_fine
         self.progress = progress
         self.on_epoch_end = on_epoch_end
