@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for train_torc
 
 from train_torch import apply_schedules, build_torch_parser  # noqa: E402
 
-from npsoftmax.cli import build_training, check_args, load_dataset  # noqa: E402
+from npsoftmax.cli import build_training, check_args, load_dataset, resolve_defaults  # noqa: E402
 from npsoftmax.torch_adapter import (buffers_from_torch, params_from_torch, require_torch,  # noqa: E402
                                      to_torch, to_torch_optimizer)
 
@@ -88,6 +88,7 @@ def run_parity(args):
         raise ValueError(f"--steps must be positive, got {args.steps}")
     device = torch.device(args.device)
     out_dir = args.out_dir or os.path.join("runs", f"parity-{args.dataset}-{args.softmax}")
+    resolve_defaults(args)
     dataset = load_dataset(args)
     # Enough epochs for the steps, so that the lr schedule spans exactly this run.
     args.epochs = math.ceil(args.steps / math.ceil(len(dataset.train) / args.batch_size))

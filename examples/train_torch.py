@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from npsoftmax.checkpoint import save_checkpoint
 from npsoftmax.cli import EXIT_DATA_ERROR, EXIT_DIVERGED, build_parser, build_training, check_args, load_dataset, \
     summary_table, write_plots
+from npsoftmax.weights import save_weights
 from npsoftmax.torch_adapter import copy_from_torch, head_loss, require_torch, to_torch, to_torch_optimizer
 
 
@@ -174,9 +174,9 @@ def run(args):
         json.dump(vars(args), stream, indent=1)
     torch.save(model.state_dict(), os.path.join(trainer.run_dir, "model.pt"))
     copy_from_torch(model, numpy_model)  # back to npsoftmax names and layouts
-    save_checkpoint(os.path.join(trainer.run_dir, "weights.npz"), params=numpy_model.params,
-                    buffers=numpy_model.buffers, meta={"trained_with": "torch", "device": str(device),
-                                                       "epoch": trainer.epoch, "step": trainer.step})
+    save_weights(os.path.join(trainer.run_dir, "weights.npz"), numpy_model, mean=trainer.mean, std=trainer.std,
+                 meta={"trained_with": "torch", "device": str(device), "epoch": trainer.epoch,
+                       "step": trainer.step, "identity": trainer.identity})
     for path in [*write_plots(trainer, dataset), trainer.history_path]:
         print(f"wrote {path}")
     return 0

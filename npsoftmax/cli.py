@@ -12,23 +12,47 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
 
 HEAD_NAMES = ("softmax", "gumbel", "hierarchical", "adaptive")
-EXIT_DATA_ERROR = 2
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_DATA_ERROR = 2  # data, run-folder and checkpoint errors share the usage code: the command must change
 EXIT_DIVERGED = 3
+#: Files a run writes into its folder; ``--overwrite`` removes exactly these.
+RUN_FILES = ("checkpoint.npz", "best.npz", "weights.npz", "history.json", "args.json", "curves.png",
+             "confusion.png", "confusion_superclass.png", "reliability.png", "reliability.json")
+#: CIFAR-100 adaptive default: one tail cluster of 50 classes. The classes are equally
+#: frequent, so no split saves much; a cluster no larger than its projection width
+#: (D // div_value = 64 >= 50 at D = 256) keeps the tail's class scores full-rank.
+CIFAR100_CUTOFFS = (50,)
+
+EPILOG = """\
+outputs: RUN_DIR (default runs/<dataset>-<head>) gets history.json, args.json, checkpoint.npz
+(resume state), best.npz and weights.npz (the best epoch by validation top-1), curves.png,
+confusion.png, reliability.png.
+
+exit codes: 0 finished; 2 usage error, data error, run-folder or checkpoint error (nothing
+was trained or overwritten); 3 training diverged (the message names the last finite checkpoint).
+"""
 
 
-def build_parser(description=None):
-    """The argument parser shared by ``train_np.py`` and ``train_torch.py``."""
+def build_parser(description=None, *, single_run=True):
+    """The argument parser shared by ``train_np.py``, ``train_torch.py`` and ``compare.py``.
+
+    ``single_run=False`` (``compare.py``) leaves out the options that name one run
+    (``--softmax``, ``--run-dir``, ``--profile``): the caller adds its own.
+    """
     parser = argparse.ArgumentParser(
         description=description or "Train the default CNN with one of four softmax heads (NumPy/Cython).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter, epilog=EPILOG,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--softmax", choices=HEAD_NAMES, default="softmax", help="which output head to train")
+    if single_run:
+        model.add_argument("--softmax", choices=HEAD_NAMES, default="softmax", help="which output head to train")
     model.add_argument("--widths", type=_int_list, default=None,
                        help="conv block widths, comma separated (default 32,64,128 for cifar100, 16,32,64 for digits)")
     model.add_argument("--feature-dim", type=int, default=None,
@@ -40,12 +64,13 @@ def build_parser(description=None):
     heads = parser.add_argument_group("heads")
     heads.add_argument("--tau", type=float, default=1.0, help="Gumbel: initial temperature tau0 (> 0)")
     heads.add_argument("--tau-min", type=float, default=0.5, help="Gumbel: floor of the annealed temperature")
-    heads.add_argument("--anneal-rate", type=float, default=0.0,
+    heads.add_argument("--anneal-rate", type=float, default=0.03,
                        help="Gumbel: tau_t = max(tau_min, tau0 * exp(-rate * t)); 0 keeps tau fixed")
     heads.add_argument("--anneal-every", choices=("step", "epoch"), default="epoch",
                        help="Gumbel: what t counts in the annealing formula")
     heads.add_argument("--cutoffs", type=_int_list, default=None,
-                       help="adaptive: increasing class cutoffs, e.g. 20,50 (default K//5,K//2)")
+                       help="adaptive: increasing class cutoffs, e.g. 20,50 (default 50 on cifar100: one tail "
+                            "cluster no larger than its projection width; K//5,K//2 otherwise)")
     heads.add_argument("--div-value", type=float, default=4.0, help="adaptive: cluster i projects to D // div**(i+1)")
     heads.add_argument("--tree", choices=("superclass", "balanced", "huffman"), default=None,
                        help="hierarchical: tree over the classes (default superclass on cifar100, balanced otherwise)")
@@ -61,6 +86,10 @@ def build_parser(description=None):
                       help="train on a stratified subset of N images (and at most N test images) for quick runs")
     data.add_argument("--no-augment", action="store_true",
                       help="disable random crop + flip (always off for digits)")
+    data.add_argument("--val", type=int, default=None, metavar="N",
+                      help="hold N training images out as a stratified validation split; the best epoch by "
+                           "validation top-1 is kept (default 5000 for cifar100, a tenth of --subset if given; "
+                           "0 for digits)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=10)
@@ -73,18 +102,30 @@ def build_parser(description=None):
     training.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
                           help="learning-rate schedule (stepped every batch)")
     training.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length")
+    training.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                          help="stop when validation top-1 has not improved for PATIENCE epochs")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--threads", type=int, default=None,
                           help="limit OpenBLAS and OpenMP threads (default: all cores; use 1 on a busy machine, "
                                "where idle threads spinning against other processes can slow steps 10x)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--run-dir", default=None, help="where history, checkpoint and plots go (default runs/<dataset>-<softmax>)")
-    output.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.npz if present")
+    if single_run:
+        output.add_argument("--run-dir", default=None,
+                            help="where history, checkpoint and plots go (default runs/<dataset>-<softmax>)")
+    output.add_argument("--resume", action="store_true",
+                        help="continue the run in the run folder (refused if its options differ)")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in the run folder (without it, an existing run is never touched)")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
-    output.add_argument("--profile", type=int, nargs="?", const=20, default=None, metavar="STEPS",
-                        help="time STEPS training steps (default 20) layer by layer, print the table and exit")
+    if single_run:
+        output.add_argument("--profile", type=int, nargs="?", const=20, default=None, metavar="STEPS",
+                            help="time STEPS training steps (default 20) layer by layer, print the table and exit")
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the epilog printed as written."""
 
 
 def _int_list(text):
@@ -95,8 +136,12 @@ def _int_list(text):
 
 
 def load_dataset(args):
-    """The ImageDataset named by ``--dataset`` (with ``--subset``); raises DatasetError on failure."""
-    from .data import load_cifar100, load_digits_images, subset
+    """The ImageDataset named by ``--dataset`` (with ``--subset``, then ``--val`` held out of train).
+
+    Raises DatasetError when the data cannot be read, ValueError when the options leave
+    too few training images.
+    """
+    from .data import load_cifar100, load_digits_images, split_validation, subset
 
     if args.dataset == "digits":
         dataset = load_digits_images(seed=args.seed)
@@ -104,6 +149,15 @@ def load_dataset(args):
         dataset = load_cifar100(args.data_dir, download=not args.no_download, progress=not args.no_progress)
     if args.subset is not None:
         dataset = subset(dataset, min(args.subset, len(dataset.train)), seed=args.seed)
+    n_val = args.val or 0  # resolve_defaults() gives the default; None here means none
+    if n_val >= len(dataset.train) - dataset.n_classes + 1:
+        raise ValueError(f"--val {n_val} leaves fewer training images than classes "
+                         f"({len(dataset.train)} training images, {dataset.n_classes} classes)")
+    dataset = split_validation(dataset, n_val, seed=args.seed)
+    if len(np.unique(dataset.train.labels)) < dataset.n_classes:
+        raise ValueError(f"--subset {args.subset} --val {n_val} leaves {len(dataset.train)} training images, which "
+                         f"miss some of the {dataset.n_classes} classes: every class needs a training image "
+                         f"(use --subset >= {dataset.n_classes + n_val})")
     return dataset
 
 
@@ -115,10 +169,9 @@ def head_options(args, dataset):
     if args.softmax == "gumbel":
         return {"tau": args.tau}
     if args.softmax == "adaptive":
-        cutoffs = args.cutoffs or sorted({max(1, n_classes // 5), max(2, n_classes // 2)})
-        return {"cutoffs": cutoffs, "div_value": args.div_value}
+        return {"cutoffs": list(args.cutoffs), "div_value": args.div_value}
     if args.softmax == "hierarchical":
-        tree = args.tree or ("superclass" if args.dataset == "cifar100" else "balanced")
+        tree = args.tree
         if tree == "superclass":
             return {"tree": tree_from_groups(dataset.coarse_of_fine())}
         if tree == "huffman":
@@ -135,14 +188,12 @@ def build_training(args, dataset):
 
     dtype = np.dtype(args.dtype)
     digits = args.dataset == "digits"
-    widths = args.widths or ((16, 32, 64) if digits else DEFAULT_WIDTHS)
-    feature_dim = args.feature_dim or (128 if digits else DEFAULT_FEATURE_DIM)
+    widths, feature_dim, lr = args.widths, args.feature_dim, args.lr
     image_shape = tuple(np.roll(dataset.train.images.shape[1:], 1))  # (H, W, C) -> (C, H, W)
     rng = np.random.default_rng(args.seed)
     model = build_model(args.softmax, dataset.n_classes, image_shape, rng=rng, dtype=dtype, widths=widths,
                         feature_dim=feature_dim, batch_norm=not args.no_batch_norm,
                         head_options=head_options(args, dataset))
-    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
     if args.optimizer == "sgd":
         optimizer = SGD(model.params, lr=lr, momentum=args.momentum, nesterov=args.nesterov,
                         weight_decay=args.weight_decay)
@@ -166,14 +217,37 @@ def build_training(args, dataset):
         model, optimizer, dataset, epochs=args.epochs, batch_size=args.batch_size, run_dir=run_dir,
         seed=args.seed, augment=not (digits or args.no_augment), dtype=dtype, lr_schedule=lr_schedule,
         tau_schedule=tau_schedule, coarse_of_fine=None if digits else dataset.coarse_of_fine(),
-        progress=not args.no_progress,
+        progress=not args.no_progress, identity=run_identity(args), early_stop=args.early_stop,
     )
     return trainer
 
 
+def run_identity(args):
+    """The options that define a run (resolved defaults), as stored in its checkpoints.
+
+    Two runs with the same identity follow the same trajectory; ``--resume`` refuses a
+    checkpoint whose identity differs. Head options count only for their head, and
+    output-only options (progress bar, threads, run folder) never count.
+    """
+    identity = {name: getattr(args, name) for name in (
+        "softmax", "dataset", "subset", "val", "seed", "widths", "feature_dim", "no_batch_norm", "dtype",
+        "no_augment", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "epochs", "batch_size")}
+    identity["widths"] = list(identity["widths"])
+    if args.optimizer == "sgd":
+        identity.update(momentum=args.momentum, nesterov=args.nesterov)
+    if args.softmax == "gumbel":
+        identity.update(tau=args.tau, tau_min=args.tau_min, anneal_rate=args.anneal_rate,
+                        anneal_every=args.anneal_every)
+    elif args.softmax == "adaptive":
+        identity.update(cutoffs=list(args.cutoffs), div_value=args.div_value)
+    elif args.softmax == "hierarchical":
+        identity.update(tree=args.tree)
+    return identity
+
+
 def summary_table(history):
     """A plain-text table of the per-epoch history, one row per epoch."""
-    columns = [("epoch", "d"), ("train_loss", ".4f"), ("train_top1", ".4f"), ("test_loss", ".4f"),
+    columns = [("epoch", "d"), ("train_loss", ".4f"), ("train_top1", ".4f"), ("val_top1", ".4f"), ("test_loss", ".4f"),
                ("test_top1", ".4f"), ("test_top5", ".4f"), ("test_macro_f1", ".4f"),
                ("epoch_seconds", ".2f"), ("head_seconds", ".3f")]
     lines = [" ".join(f"{name:>{len(name)}}" for name, _ in columns)]
@@ -233,17 +307,154 @@ def main(argv=None):
     return run(args)
 
 
+N_CLASSES = {"cifar100": 100, "digits": 10}
+IMAGE_SIDE = {"cifar100": 32, "digits": 8}
+
+
+def resolve_defaults(args):
+    """Replace the options whose default depends on others (``None``) by their value, in place.
+
+    After this, ``args`` (and ``args.json``) spell out the run completely.
+    """
+    digits = args.dataset == "digits"
+    from .heads.adaptive import default_cutoffs
+    from .models import DEFAULT_FEATURE_DIM, DEFAULT_WIDTHS
+
+    if args.widths is None:
+        args.widths = [16, 32, 64] if digits else list(DEFAULT_WIDTHS)
+    if args.feature_dim is None:
+        args.feature_dim = 128 if digits else DEFAULT_FEATURE_DIM
+    if args.lr is None:
+        args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
+    if args.tree is None:
+        args.tree = "balanced" if digits else "superclass"
+    if args.cutoffs is None:
+        args.cutoffs = list(CIFAR100_CUTOFFS) if args.dataset == "cifar100" else default_cutoffs(N_CLASSES[args.dataset])
+        # As the head does with its default: drop tail clusters whose projection would be < 1 wide.
+        while (len(args.cutoffs) > 1 and math.isfinite(args.div_value) and args.div_value > 0
+               and args.feature_dim // args.div_value ** len(args.cutoffs) < 1):
+            args.cutoffs = args.cutoffs[:-1]
+    if args.val is None:
+        args.val = 0 if digits else (5000 if args.subset is None else args.subset // 10)
+    return args
+
+
+def _finite(value, option, low, high=math.inf, low_inclusive=True):
+    inside = (value >= low if low_inclusive else value > low) and value <= high
+    if not (math.isfinite(value) and inside):
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"{option} must be a finite number {bound}, got {value}")
+
+
 def check_args(args):
-    """Raise ValueError naming the option when parsed arguments cannot describe a run."""
+    """Resolve defaults, then raise ValueError naming the option when the arguments cannot describe a run.
+
+    Everything that can be checked without the data is checked here, before any work:
+    ``main`` turns the error into the usage line + message and exit status 2.
+    """
     for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--threads", args.threads),
-                          ("--subset", args.subset), ("--profile", args.profile)):
+                          ("--subset", args.subset), ("--profile", getattr(args, "profile", None)),
+                          ("--feature-dim", args.feature_dim), ("--early-stop", args.early_stop)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
+    for option, value in (("--seed", args.seed), ("--val", args.val)):
+        if value is not None and value < 0:
+            raise ValueError(f"{option} must be >= 0, got {value}")
+    if args.widths is not None and (not args.widths or min(args.widths) < 1):
+        raise ValueError(f"--widths must list at least one conv width, each >= 1, got {args.widths}")
+    if args.cutoffs is not None and not args.cutoffs:
+        raise ValueError("--cutoffs must list at least one cutoff")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    resolve_defaults(args)
+    side = IMAGE_SIDE[args.dataset]
+    if side % 2 ** len(args.widths):
+        raise ValueError(f"--widths {','.join(map(str, args.widths))}: each conv block halves the "
+                         f"{side}x{side} images, so {args.dataset} allows at most {int(math.log2(side))} blocks")
     if args.tree == "superclass" and args.dataset != "cifar100":
         raise ValueError("--tree superclass needs --dataset cifar100 (the digits have no superclasses)")
-    if args.tau <= 0 or args.tau_min <= 0 or args.anneal_rate < 0:
-        raise ValueError(f"--tau and --tau-min must be > 0 and --anneal-rate >= 0, got {args.tau}, "
-                         f"{args.tau_min}, {args.anneal_rate}")
+    _finite(args.lr, "--lr", 0.0, low_inclusive=False)
+    _finite(args.weight_decay, "--weight-decay", 0.0)
+    _finite(args.momentum, "--momentum", 0.0, 0.999)
+    _finite(args.warmup_epochs, "--warmup-epochs", 0.0, float(args.epochs))
+    _finite(args.tau, "--tau", 0.0, low_inclusive=False)
+    _finite(args.tau_min, "--tau-min", 0.0, low_inclusive=False)
+    _finite(args.anneal_rate, "--anneal-rate", 0.0)
+    _finite(args.div_value, "--div-value", 0.0, low_inclusive=False)
+    n_classes = N_CLASSES[args.dataset]
+    from .heads.adaptive import check_cutoffs
+
+    args.cutoffs = check_cutoffs(args.cutoffs, n_classes)
+    narrowest = int(args.feature_dim // args.div_value ** len(args.cutoffs))
+    if getattr(args, "softmax", None) == "adaptive" and narrowest < 1:
+        raise ValueError(f"--div-value {args.div_value} with --feature-dim {args.feature_dim} and "
+                         f"{len(args.cutoffs)} tail clusters gives the last cluster a width of {narrowest} (< 1)")
+    if args.subset is not None and args.subset - args.val < n_classes:
+        raise ValueError(f"--subset {args.subset} with --val {args.val} leaves {args.subset - args.val} training "
+                         f"images for {n_classes} classes; every class needs one: use --subset >= "
+                         f"{n_classes + args.val}")
+    if args.early_stop is not None and args.val == 0:
+        raise ValueError("--early-stop needs a validation split: give --val N with N >= 1")
+    if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir {args.data_dir} is a file; it must be the folder that holds cifar-100-python/")
+    if getattr(args, "run_dir", None) is not None and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise ValueError(f"--run-dir {args.run_dir} is a file; it must be a folder (it will be created)")
+
+
+def default_run_dir(args):
+    """``runs/<dataset>-<head>`` unless ``--run-dir`` names one."""
+    return args.run_dir or os.path.join("runs", f"{args.dataset}-{args.softmax}")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (not writable, holds another run ...)."""
+
+
+def prepare_run_dir(run_dir, *, resume, overwrite):
+    """Check ``run_dir`` before any work, and clear it when ``overwrite``; returns a note to print or None.
+
+    * a folder that holds a run (``checkpoint.npz`` or ``history.json``) is refused unless
+      ``resume`` (continue it) or ``overwrite`` (its run files are deleted, nothing else);
+    * ``resume`` without a checkpoint starts afresh, and says so;
+    * the folder must be creatable and writable now, not after a first epoch.
+    """
+    checkpoint = os.path.join(run_dir, "checkpoint.npz")
+    history = os.path.join(run_dir, "history.json")
+    holds_run = os.path.exists(checkpoint) or os.path.exists(history)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(f"cannot create the run folder {run_dir}: {error.strerror}") from None
+    probe = os.path.join(run_dir, ".write-test")
+    try:
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as error:
+        raise RunFolderError(f"the run folder {run_dir} is not writable: {error.strerror}") from None
+    if holds_run and not (resume or overwrite):
+        done = _epochs_done(history)
+        raise RunFolderError(f"{run_dir} already holds a run ({done} epochs done); add --resume to continue "
+                             f"it or --overwrite to replace it (or choose another --run-dir)")
+    if overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(run_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+    if resume and not os.path.exists(checkpoint):
+        if os.path.exists(history):
+            raise RunFolderError(f"{run_dir} has a history.json but no checkpoint.npz to resume from; "
+                                 f"use --overwrite to start afresh")
+        return f"note: --resume: no checkpoint in {run_dir}, starting a fresh run"
+    return None
+
+
+def _epochs_done(history_path):
+    try:
+        with open(history_path) as stream:
+            return len(json.load(stream))
+    except (OSError, ValueError):
+        return 0
 
 
 def busy_machine_warning():
@@ -265,7 +476,7 @@ def busy_machine_warning():
 
 
 def run(args):
-    """Train with parsed arguments that passed :func:`check_args`; returns the exit code."""
+    """Train with parsed arguments that passed :func:`check_args`; returns the exit code (see ``EPILOG``)."""
     if args.threads is not None:
         from threadpoolctl import threadpool_limits
 
@@ -274,35 +485,84 @@ def run(args):
         hint = busy_machine_warning()
         if hint:
             print(hint, file=sys.stderr)
+    from .checkpoint import CheckpointError
     from .data import DatasetError
     from .train import TrainingDiverged
 
+    args.run_dir = default_run_dir(args)
+    profiling = getattr(args, "profile", None) is not None
     try:
+        if not profiling:
+            note = prepare_run_dir(args.run_dir, resume=args.resume, overwrite=args.overwrite)
+            if note:
+                print(note)
         dataset = load_dataset(args)
-    except DatasetError as error:
+        trainer = build_training(args, dataset)
+    except (DatasetError, RunFolderError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
-    trainer = build_training(args, dataset)
-    if args.profile is not None:
+    if profiling:
         print(profile_steps(trainer, args.profile))
-        return 0
+        return EXIT_OK
     print(f"npsoftmax: {args.softmax} head on {args.dataset} "
-          f"({len(dataset.train)} train / {len(dataset.test)} test images, {dataset.n_classes} classes), "
-          f"run dir {trainer.run_dir}")
+          f"({len(dataset.train)} train / {0 if dataset.val is None else len(dataset.val)} val / "
+          f"{len(dataset.test)} test images, {dataset.n_classes} classes), run dir {trainer.run_dir}")
     try:
-        history = trainer.fit(resume=args.resume)
+        if args.resume and os.path.exists(trainer.checkpoint_path):
+            trainer.load(trainer.checkpoint_path)  # checked first: a refused resume changes nothing
+            print(f"resuming {trainer.run_dir} after epoch {trainer.epoch} of {trainer.epochs}")
+    except CheckpointError as error:  # includes RunMismatchError
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    _write_json(os.path.join(trainer.run_dir, "args.json"), vars(args))
+    try:
+        history = trainer.fit()
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    if trainer.epoch and not hasattr(trainer, "last_confusion"):
-        trainer.last_confusion = trainer.evaluate()[1]
     print(summary_table(history))
-    with open(os.path.join(trainer.run_dir, "args.json"), "w") as stream:
-        json.dump(vars(args), stream, indent=1)
-    for path in write_plots(trainer, dataset):
+    for path in finish_run(trainer, dataset):
         print(f"wrote {path}")
-    print(f"wrote {trainer.history_path}")
-    return 0
+    return EXIT_OK
+
+
+def finish_run(trainer, dataset):
+    """After training: ``weights.npz`` (the best epoch by validation top-1, else the last), and the
+    plots and ``reliability.json`` of that model on the test split. Returns the paths written."""
+    from .metrics import reliability_bins
+    from .plots import plot_reliability
+    from .weights import load_weights
+
+    weights = os.path.join(trainer.run_dir, "weights.npz")
+    if os.path.exists(trainer.best_path):
+        shutil.copyfile(trainer.best_path, weights)
+        best, _ = load_weights(weights)
+        from .checkpoint import copy_into
+
+        copy_into(trainer.model.params, best.params, "params")
+        copy_into(trainer.model.buffers, best.buffers, "buffers")
+    else:
+        trainer.save_weights(weights)
+    log_probs = trainer.predict_log_probs(dataset.test.images)
+    trainer.model.train()
+    from .metrics import evaluation_record
+
+    _, trainer.last_confusion = evaluation_record(log_probs, dataset.test.labels, trainer.coarse_of_fine)
+    bins = {key: value.tolist() for key, value in reliability_bins(log_probs, dataset.test.labels).items()}
+    reliability = os.path.join(trainer.run_dir, "reliability.json")
+    _write_json(reliability, bins)
+    name = os.path.basename(os.path.normpath(trainer.run_dir))
+    paths = [weights, reliability, trainer.history_path]
+    paths += write_plots(trainer, dataset)
+    paths.append(plot_reliability({name: bins}, os.path.join(trainer.run_dir, "reliability.png")))
+    return paths
+
+
+def _write_json(path, value):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as stream:
+        json.dump(value, stream, indent=1)
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

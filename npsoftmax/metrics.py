@@ -233,3 +233,119 @@ def classification_report(labels, predictions, n_classes, scores=None, top_k=5):
                 f"scores must have shape ({n_samples}, {confusion.shape[0]}), got {scores.shape}")
         report[f"top{top_k}"] = top_k_accuracy(scores, labels, top_k)
     return report
+
+
+def reliability_bins(log_probs, labels, n_bins=15):
+    """Top-1 confidence vs accuracy in ``n_bins`` equal-width bins (the data of a reliability diagram).
+
+    The confidence of a prediction is its top-1 probability ``max_k p(k | x)``; bin b holds
+    the confidences in ``(b/B, (b+1)/B]`` (a confidence of exactly 0 goes to bin 0).
+
+    Args:
+        log_probs: (N, K) normalised log-probabilities (e.g. ``head.log_prob(h)``).
+        labels: (N,) int true classes in [0, K).
+        n_bins: B.
+
+    Returns:
+        dict of (B,) arrays: ``count`` (int64), ``confidence`` and ``accuracy`` (float64 means
+        per bin, 0 for an empty bin), and ``edges`` (B + 1,).
+    """
+    log_probs = np.asarray(log_probs)
+    if log_probs.ndim != 2 or log_probs.shape[0] == 0:
+        raise ValueError(f"log_probs must have shape (N, K) with N >= 1, got {log_probs.shape}")
+    labels = _as_label_array(labels, "labels", log_probs.shape[1])
+    if labels.shape[0] != log_probs.shape[0]:
+        raise ValueError(f"labels must have shape ({log_probs.shape[0]},) to match log_probs, got {labels.shape}")
+    n_bins = _check_count(n_bins, "n_bins")
+    predictions = np.argmax(log_probs, axis=1)
+    confidence = np.exp(log_probs[np.arange(labels.shape[0]), predictions].astype(np.float64))
+    correct = (predictions == labels).astype(np.float64)
+    # ceil(c * B) - 1 is the b with b/B < c <= (b+1)/B.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    return {"count": count,
+            "confidence": _safe_divide(np.bincount(bins, weights=confidence, minlength=n_bins), count),
+            "accuracy": _safe_divide(np.bincount(bins, weights=correct, minlength=n_bins), count),
+            "edges": np.linspace(0.0, 1.0, n_bins + 1)}
+
+
+def expected_calibration_error(log_probs, labels, n_bins=15):
+    """Expected calibration error of the top-1 prediction (Guo et al. 2017), 15 bins by default.
+
+    In each confidence bin of :func:`reliability_bins` the mean confidence is compared
+    with the accuracy of the predictions that fell there, and the gaps are averaged,
+    weighted by the share of samples::
+
+        ECE = sum_b (n_b / N) * | accuracy_b - confidence_b |
+
+    0 means perfectly calibrated; a network that says 90% and is right 60% of the time
+    adds 0.3 for the samples in that bin. Returns a float in [0, 1].
+    """
+    bins = reliability_bins(log_probs, labels, n_bins)
+    count = bins["count"]
+    return float(np.sum(count * np.abs(bins["accuracy"] - bins["confidence"])) / count.sum())
+
+
+def superclass_scores(labels, predictions, groups):
+    """How bad the fine-class mistakes are, measured with a class grouping (CIFAR-100 superclasses).
+
+    Args:
+        labels, predictions: (N,) int fine classes in [0, K).
+        groups: (K,) int; ``groups[k]`` is the superclass of fine class k.
+
+    Returns:
+        dict with ``coarse_top1`` (share of samples whose *fine* prediction lies in the
+        true superclass, i.e. the superclass accuracy of the fine predictions) and
+        ``in_superclass_error_share`` (among the fine-class errors, the share whose
+        prediction stays inside the true superclass; NaN when there is no error).
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1:
+        raise ValueError(f"groups must have shape (K,), got {groups.shape}")
+    labels = _as_label_array(labels, "labels", groups.shape[0])
+    predictions = _as_label_array(predictions, "predictions", groups.shape[0])
+    if labels.shape != predictions.shape or labels.size == 0:
+        raise ValueError(f"labels and predictions must have the same shape (N,) with N >= 1, got "
+                         f"{labels.shape} and {predictions.shape}")
+    same_group = groups[labels] == groups[predictions]
+    wrong = labels != predictions
+    n_wrong = int(wrong.sum())
+    return {
+        "coarse_top1": float(np.mean(same_group)),
+        "in_superclass_error_share": float(np.sum(same_group & wrong) / n_wrong) if n_wrong else float("nan"),
+    }
+
+
+def evaluation_record(log_probs, labels, groups=None, n_bins=15):
+    """Every evaluation number of one pass over a split, from its log-probabilities.
+
+    The trainer (every epoch, on validation and test) and ``examples/evaluate.py``
+    (from a weights file) both call this, so their numbers agree exactly.
+
+    Args:
+        log_probs: (N, K) exact log-probabilities of the model.
+        labels: (N,) int true classes.
+        groups: optional (K,) superclass of each class; adds :func:`superclass_scores`.
+        n_bins: bins of the calibration error.
+
+    Returns:
+        (record, confusion): record is a dict of floats ``loss`` (mean NLL), ``top1``,
+        ``top5`` (top-min(5, K)), ``macro_precision``, ``macro_recall``, ``macro_f1``,
+        ``ece`` (and ``coarse_top1``, ``in_superclass_error_share`` with ``groups``);
+        confusion is the (K, K) count matrix.
+    """
+    log_probs = np.asarray(log_probs)
+    n_classes = log_probs.shape[1]
+    labels = _as_label_array(labels, "labels", n_classes)
+    # predict() is defined as the exact argmax of log_prob (tested for every head).
+    predictions = np.argmax(log_probs, axis=1)
+    top_k = min(5, n_classes)
+    report = classification_report(labels, predictions, n_classes, scores=log_probs, top_k=top_k)
+    report.pop("n_samples")
+    record = {"loss": float(-np.mean(log_probs[np.arange(labels.shape[0]), labels], dtype=np.float64)),
+              **report}
+    record["top5"] = record.pop(f"top{top_k}")
+    record["ece"] = expected_calibration_error(log_probs, labels, n_bins)
+    if groups is not None:
+        record.update(superclass_scores(labels, predictions, groups))
+    return record, confusion_matrix(labels, predictions, n_classes)

@@ -184,4 +184,10 @@ def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, wid
     body = cnn_body(image_shape, widths=widths, feature_dim=feature_dim, batch_norm=batch_norm,
                     input_gradient=input_gradient, rng=body_rng, dtype=dtype)
     head = make_head(head_name, feature_dim, n_classes, rng=head_rng, dtype=dtype, **(head_options or {}))
-    return Classifier(body, head)
+    model = Classifier(body, head)
+    # What rebuilds this model from a weights file (npsoftmax.weights): every argument but the rng.
+    model.spec = {"head": head_name, "n_classes": int(n_classes), "image_shape": [int(v) for v in image_shape],
+                  "widths": [int(v) for v in widths], "feature_dim": int(feature_dim),
+                  "batch_norm": bool(batch_norm), "dtype": np.dtype(dtype).name,
+                  "head_options": dict(head_options or {})}
+    return model

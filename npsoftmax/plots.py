@@ -1,4 +1,4 @@
-"""Plots of a run, saved as PNG files: curves, confusion matrix, head comparison.
+"""Plots of a run, saved as PNG files: curves, confusion matrix, reliability diagram, head comparison.
 
 matplotlib is imported lazily (importing npsoftmax stays fast); scripts get the
 non-interactive Agg backend, so these work on a machine without a display, while
@@ -36,7 +36,8 @@ def plot_history(history, path, title=None):
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
         loss_axis.plot(epochs, [record[key] for record in history], marker="o", label=label)
     loss_axis.set(xlabel="epoch", ylabel="mean negative log-likelihood", title="loss")
-    for key, label in (("train_top1", "train"), ("test_top1", "test top-1"), ("test_top5", "test top-5")):
+    for key, label in (("train_top1", "train"), ("val_top1", "validation top-1"), ("test_top1", "test top-1"),
+                       ("test_top5", "test top-5")):
         if key in history[0]:
             accuracy_axis.plot(epochs, [record[key] for record in history], marker="o", label=label)
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
@@ -89,6 +90,36 @@ def plot_head_comparison(results, path, metrics=("test_top1", "test_macro_f1", "
         axis.set_title(metric.replace("_", " "))
         axis.tick_params(axis="x", rotation=20)
         axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path, plt)
+
+
+def plot_reliability(bins_by_name, path, title="reliability (test split, top-1 confidence)"):
+    """Reliability diagrams, one panel per model; returns ``path``.
+
+    ``bins_by_name`` maps a name to :func:`npsoftmax.metrics.reliability_bins`'s dict
+    (``count``, ``confidence``, ``accuracy``, ``edges``). Each bar is a bin's accuracy; the
+    diagonal is perfect calibration, so bars below it mean over-confidence. The panel
+    title gives the expected calibration error (the count-weighted mean gap).
+    """
+    import numpy as np
+
+    if not bins_by_name:
+        raise ValueError("bins_by_name is empty: nothing to plot")
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(bins_by_name), figsize=(3.2 * len(bins_by_name), 3.4), squeeze=False)
+    for axis, (name, bins) in zip(axes[0], bins_by_name.items()):
+        edges = np.asarray(bins["edges"])
+        count = np.asarray(bins["count"], dtype=float)
+        accuracy, confidence = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"])
+        ece = float(np.sum(count * np.abs(accuracy - confidence)) / count.sum())
+        axis.bar(edges[:-1], accuracy, width=np.diff(edges), align="edge", edgecolor="black", alpha=0.7,
+                 label="accuracy")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
+        axis.set(xlabel="confidence", xlim=(0, 1), ylim=(0, 1), title=f"{name}\nECE {ece:.3f}")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    figure.suptitle(title)
     figure.tight_layout()
     return _save(figure, path, plt)
 

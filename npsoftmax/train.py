@@ -11,11 +11,19 @@ One :class:`Trainer` step, for a batch of ``B`` images::
 The dataset stays uint8 in memory; every batch is converted on the fly, so a
 50,000-image CIFAR-100 training set costs 150 MB, not 600 MB of float32.
 
-After every epoch the trainer evaluates on the test split, appends a record to
-``run_dir/history.json`` and atomically rewrites ``run_dir/checkpoint.npz``.
-Everything random (shuffling, augmentation, dropout masks, Gumbel noise) comes
-from Generators whose states are saved in the checkpoint, so a resumed run
+After every epoch the trainer evaluates on the validation split (when the dataset
+has one, see ``data.split_validation``) and on the test split, appends a record to
+``run_dir/history.json`` and atomically rewrites ``run_dir/checkpoint.npz``. The
+epoch with the best validation top-1 is kept as ``run_dir/best.npz`` (a weights file,
+``npsoftmax.weights``): every choice is made on validation, the test split is only
+reported. Everything random (shuffling, augmentation, dropout masks, Gumbel noise)
+comes from Generators whose states are saved in the checkpoint, so a resumed run
 produces the same history as an uninterrupted one.
+
+A checkpoint also records the run's *identity* (head and its options, architecture,
+optimizer, data, seed: whatever the caller passes as ``identity``); resuming with a
+different identity raises :class:`RunMismatchError` naming every difference, so two
+runs are never silently mixed. Parameters that became NaN/inf are never saved.
 """
 
 import json
@@ -25,19 +33,41 @@ import time
 
 import numpy as np
 
-from .checkpoint import copy_into, generator_state, load_checkpoint, restore_generator, save_checkpoint
+from .checkpoint import (CheckpointError, copy_into, generator_state, load_checkpoint, non_finite_entries,
+                         remove_stale_temporaries, restore_generator, save_checkpoint)
 from .data.transforms import augment as augment_batch
 from .data.transforms import channel_mean_std, normalize
-from .metrics import classification_report, confusion_matrix
+from .metrics import evaluation_record
 from .optim import Scheduler
 from .validation import check_dtype, check_int
+from .weights import save_weights
 
 CHECKPOINT_NAME = "checkpoint.npz"
+BEST_NAME = "best.npz"
 HISTORY_NAME = "history.json"
+#: What ``Trainer.load`` requires in a checkpoint's meta entry.
+REQUIRED_META = ("epoch", "step", "history", "rng_states")
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, the features or the parameters became NaN or infinite."""
+
+
+class RunMismatchError(CheckpointError):
+    """A checkpoint belongs to a different run (another head, option, architecture or data)."""
+
+    def __init__(self, path, differences):
+        self.differences = differences
+        lines = [f"  {name}: checkpoint has {old!r}, this run has {new!r}" for name, old, new in differences]
+        super().__init__(f"{path} belongs to a different run; refusing to mix them:\n" + "\n".join(lines))
+
+
+def identity_differences(stored, current):
+    """[(name, stored value, current value)] for every key where two run identities differ."""
+    missing = object()
+    return [(name, stored.get(name, "<absent>"), current.get(name, "<absent>"))
+            for name in sorted(set(stored) | set(current))
+            if stored.get(name, missing) != current.get(name, missing)]
 
 
 def find_generators(model):
@@ -85,11 +115,17 @@ class Trainer:
         Show a tqdm progress bar with loss, accuracy and images/s.
     on_epoch_end : callable(trainer, record), optional
         Called after each epoch's checkpoint is written.
+    identity : dict, optional
+        JSON-able description of the run (head, options, architecture, data ...), stored in
+        every checkpoint and compared on resume (:class:`RunMismatchError` on a difference).
+    early_stop : int, optional
+        Stop when validation top-1 has not improved for this many epochs (needs ``dataset.val``).
     """
 
     def __init__(self, model, optimizer, dataset, *, epochs, batch_size=128, run_dir="runs/default", seed=0,
                  augment=False, crop_pad=4, dtype=np.float32, lr_schedule=None, tau_schedule=None,
-                 coarse_of_fine=None, eval_batch_size=500, progress=True, on_epoch_end=None):
+                 coarse_of_fine=None, eval_batch_size=500, progress=True, on_epoch_end=None, identity=None,
+                 early_stop=None):
         self.model = model
         self.optimizer = optimizer
         self.dataset = dataset
@@ -103,6 +139,10 @@ class Trainer:
         self.coarse_of_fine = coarse_of_fine
         self.progress = progress
         self.on_epoch_end = on_epoch_end
+        self.identity = identity
+        self.early_stop = None if early_stop is None else check_int(early_stop, "early_stop")
+        if self.early_stop is not None and getattr(dataset, "val", None) is None:
+            raise ValueError("early_stop needs a validation split (dataset.val); hold one out with split_validation")
         self.scheduler = Scheduler(
             optimizer if lr_schedule is not None else None, lr_schedule,
             model.head if tau_schedule is not None else None, tau_schedule,
@@ -122,6 +162,23 @@ class Trainer:
     @property
     def history_path(self):
         return os.path.join(self.run_dir, HISTORY_NAME)
+
+    @property
+    def best_path(self):
+        return os.path.join(self.run_dir, BEST_NAME)
+
+    @property
+    def best_epoch(self):
+        """The epoch (1-based) with the highest validation top-1 so far (first of ties), or None."""
+        if not any("val_top1" in record for record in self.history):
+            return None
+        return self.history[int(np.argmax([record.get("val_top1", -1.0) for record in self.history]))]["epoch"]
+
+    @property
+    def stopped_early(self):
+        """True when ``early_stop`` epochs have passed since the best validation epoch."""
+        best = self.best_epoch
+        return self.early_stop is not None and best is not None and self.epoch - best >= self.early_stop
 
     @property
     def steps_per_epoch(self):
@@ -159,14 +216,13 @@ class Trainer:
             values = self.scheduler.apply(self.step)
             # predict() first: it must not disturb the cache forward() leaves for backward().
             features = model.body.forward(x)
+            if not np.all(np.isfinite(features)):
+                raise TrainingDiverged(self._divergence_message(
+                    "the features reaching the head hold NaN or inf", values))
             predictions = model.head.predict(features)
             loss = model.head_forward(features, y)
             if not np.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at epoch {self.epoch + 1}, step {self.step} "
-                    f"(lr={self.optimizer.lr:g}{', tau=%g' % values['tau'] if 'tau' in values else ''}). "
-                    f"Try a smaller learning rate; the last good checkpoint is {self.checkpoint_path}"
-                )
+                raise TrainingDiverged(self._divergence_message(f"the training loss became {loss}", values))
             model.backward()
             self.optimizer.step(model.grads)
             self.step += 1
@@ -190,53 +246,69 @@ class Trainer:
             "images_per_second": seen / seconds,
         }
 
+    def _divergence_message(self, what, values):
+        """Where training diverged, and the last checkpoint that is safe to resume (checked, not assumed)."""
+        where = (f"{what} at epoch {self.epoch + 1}, step {self.step} (lr={self.optimizer.lr:g}"
+                 f"{', tau=%g' % values['tau'] if 'tau' in values else ''})")
+        try:
+            load_checkpoint(self.checkpoint_path, required_meta=REQUIRED_META)
+        except FileNotFoundError:
+            last = "there is no checkpoint yet (it diverged in the first epoch): start afresh with --overwrite"
+        except CheckpointError as error:
+            last = f"no usable checkpoint: {error}"
+        else:
+            last = (f"the last finite checkpoint is {self.checkpoint_path} (end of epoch {self.epoch}); "
+                    f"resuming needs the same options, so start afresh with a smaller --lr and --overwrite")
+        return f"{where}. Try a smaller learning rate; {last}"
+
     def evaluate(self, split=None):
         """Exact evaluation (eval mode, no noise) on ``split`` (default: the test split).
 
-        Returns (record, confusion) where record has ``loss`` (mean NLL), ``top1``,
-        ``top5``, ``macro_precision``, ``macro_recall``, ``macro_f1`` (and
-        ``coarse_top1`` when ``coarse_of_fine`` is set) and confusion is (K, K).
+        Returns (record, confusion): record is :func:`npsoftmax.metrics.evaluation_record`'s
+        (``loss`` = mean NLL, ``top1``, ``top5``, macro P/R/F1, ``ece``, and with
+        ``coarse_of_fine`` set ``coarse_top1`` and ``in_superclass_error_share``);
+        confusion is (K, K).
         """
         split = self.dataset.test if split is None else split
-        model = self.model.eval()
-        log_probs = []
-        for first in range(0, len(split), self.eval_batch_size):
-            x = self._to_input(split.images[first:first + self.eval_batch_size], training=False)
-            log_probs.append(model.log_prob(x))
-        log_probs = np.concatenate(log_probs)
-        labels = split.labels
-        # predict() is defined as the exact argmax of log_prob (tested for every head).
-        predictions = np.argmax(log_probs, axis=1)
-        n_classes = log_probs.shape[1]
-        report = classification_report(labels, predictions, n_classes, scores=log_probs,
-                                       top_k=min(5, n_classes))
-        report.pop("n_samples")
-        top_k_key = f"top{min(5, n_classes)}"
-        record = {"loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])), **report}
-        record["top5"] = record.pop(top_k_key)
-        if self.coarse_of_fine is not None:
-            record["coarse_top1"] = float(np.mean(self.coarse_of_fine[predictions] == self.coarse_of_fine[labels]))
-        model.train()
-        return record, confusion_matrix(labels, predictions, n_classes)
+        record, confusion = evaluation_record(self.predict_log_probs(split.images), split.labels,
+                                              self.coarse_of_fine)
+        self.model.train()
+        return record, confusion
+
+    def predict_log_probs(self, images):
+        """uint8 images (N, H, W, C) -> the model's exact log-probabilities (N, K), in eval mode."""
+        return predict_log_probs(self.model, images, self.mean, self.std, dtype=self.dtype,
+                                 batch_size=self.eval_batch_size)
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, resume=False):
-        """Train until ``epochs`` epochs are complete; returns the history (list of dicts).
+        """Train until ``epochs`` epochs are complete (or early stopping); returns the history.
 
-        With ``resume=True`` and a checkpoint in ``run_dir``, continue from it.
+        With ``resume=True`` and a checkpoint in ``run_dir``, continue from it (after checking
+        that it belongs to this run).
         """
         os.makedirs(self.run_dir, exist_ok=True)
+        remove_stale_temporaries(self.run_dir)
         if resume and os.path.exists(self.checkpoint_path):
             self.load(self.checkpoint_path)
-        while self.epoch < self.epochs:
+        while self.epoch < self.epochs and not self.stopped_early:
             record = {"epoch": self.epoch + 1, "lr": float(self.optimizer.lr)}
             if hasattr(self.model.head, "tau"):
                 record["tau"] = float(self.model.head.tau)
             record.update(self.train_epoch())
+            bad = non_finite_entries({**self.model.params, **self.model.buffers})
+            if bad:
+                raise TrainingDiverged(self._divergence_message(
+                    f"parameters or buffers {bad[:3]} became NaN/inf", {}))
+            if getattr(self.dataset, "val", None) is not None:
+                val_record, _ = self.evaluate(self.dataset.val)
+                record.update({f"val_{key}": value for key, value in val_record.items()})
             test_record, self.last_confusion = self.evaluate()
             record.update({f"test_{key}": value for key, value in test_record.items()})
             self.epoch += 1
             self.history.append(record)
+            if "val_top1" in record and self.best_epoch == self.epoch:
+                self.save_weights(self.best_path)
             self._write_history()
             self.save(self.checkpoint_path)
             if self.on_epoch_end is not None:
@@ -250,6 +322,14 @@ class Trainer:
             json.dump(self.history, stream, indent=1)
         os.replace(temporary, self.history_path)
 
+    def save_weights(self, path):
+        """The current model as a weights file (``npsoftmax.weights``): rebuilds itself, with this
+        run's normalisation statistics, epoch and identity."""
+        record = self.history[-1] if self.history else {}
+        save_weights(path, self.model, mean=self.mean, std=self.std,
+                     meta={"epoch": self.epoch, "identity": self.identity,
+                           "val_top1": record.get("val_top1"), "test_top1": record.get("test_top1")})
+
     def save(self, path):
         """Checkpoint params, buffers, optimizer state, every RNG state, epoch, step and history."""
         generators = {"trainer": self.rng, **find_generators(self.model)}
@@ -259,26 +339,47 @@ class Trainer:
             "history": self.history,
             "rng_states": {name: generator_state(generator) for name, generator in generators.items()},
             "head_tau": float(self.model.head.tau) if hasattr(self.model.head, "tau") else None,
+            "identity": self.identity,
         }
         save_checkpoint(path, params=self.model.params, buffers=self.model.buffers,
                         optimizer_state=self.optimizer.state_dict(), meta=meta)
 
     def load(self, path):
         """Restore a checkpoint written by :meth:`save` into this trainer, in place."""
-        checkpoint = load_checkpoint(path)
-        copy_into(self.model.params, checkpoint["params"], "params")
-        copy_into(self.model.buffers, checkpoint["buffers"], "buffers")
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        checkpoint = load_checkpoint(path, required_meta=REQUIRED_META)
+        stored_identity = checkpoint["meta"].get("identity")
+        if self.identity is not None and stored_identity is not None:
+            differences = identity_differences(stored_identity, self.identity)
+            if differences:
+                raise RunMismatchError(path, differences)
+        try:
+            copy_into(self.model.params, checkpoint["params"], "params")
+            copy_into(self.model.buffers, checkpoint["buffers"], "buffers")
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {error}") from None
         meta = checkpoint["meta"]
         generators = {"trainer": self.rng, **find_generators(self.model)}
         if set(generators) != set(meta["rng_states"]):
-            raise ValueError(f"checkpoint {path} RNGs {sorted(meta['rng_states'])} do not match the model's "
-                             f"{sorted(generators)}")
+            raise RunMismatchError(path, [("random generators", sorted(meta["rng_states"]), sorted(generators))])
         for name, generator in generators.items():
             restore_generator(generator, meta["rng_states"][name])
         if meta.get("head_tau") is not None:
             self.model.head.tau = meta["head_tau"]
         self.epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
+
+
+def predict_log_probs(model, images, mean, std, *, dtype=np.float32, batch_size=500):
+    """Exact log-probabilities (N, K) of uint8 images (N, H, W, C), normalised with ``mean``/``std`` (C,).
+
+    The model is put in eval mode (no dropout, batch-norm running statistics, no Gumbel
+    noise). The trainer and ``examples/evaluate.py`` both call this with the same batch
+    size, so a weights file re-evaluates to exactly the trainer's numbers.
+    """
+    model.eval()
+    log_probs = [model.log_prob(normalize(images[first:first + batch_size], mean, std, dtype=dtype))
+                 for first in range(0, len(images), batch_size)]
+    return np.concatenate(log_probs)
 
 
 def _progress_bar(total, description, enabled):

@@ -181,7 +181,7 @@ def test_default_body_skips_the_image_gradient_but_can_compute_it(rng):
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--subset", "-3"], "--subset must be >= 1, got -3"),
-    (["--tau", "0"], "--tau and --tau-min must be > 0"),
+    (["--tau", "0"], "--tau must be a finite number > 0"),
     (["--dataset", "digits", "--softmax", "hierarchical", "--tree", "superclass"], "needs --dataset cifar100"),
 ])
 def test_cli_rejects_impossible_options_with_usage(argv, message, capsys):

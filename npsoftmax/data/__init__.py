@@ -14,7 +14,7 @@ Importing this package is cheap: tqdm and scikit-learn are imported only when us
 """
 
 from .cifar100 import (ImageDataset, ImageSplit, load_cifar100, load_cifar100_folder,
-                       stratified_indices, subset)
+                       split_validation, stratified_indices, subset)
 from .cifar100_classes import COARSE_NAMES, COARSE_OF_FINE, FINE_NAMES
 from .digits import load_digits_images
 from .download import (DatasetCorruptError, DatasetError, DatasetNotFoundError, default_data_dir,
@@ -25,7 +25,7 @@ from .transforms import augment, channel_mean_std, normalize, random_crop, rando
 
 __all__ = [
     "ImageDataset", "ImageSplit", "load_cifar100", "load_cifar100_folder", "stratified_indices",
-    "subset", "COARSE_NAMES", "COARSE_OF_FINE", "FINE_NAMES", "load_digits_images",
+    "split_validation", "subset", "COARSE_NAMES", "COARSE_OF_FINE", "FINE_NAMES", "load_digits_images",
     "DatasetCorruptError", "DatasetError", "DatasetNotFoundError", "default_data_dir",
     "download_archive", "extract_archive", "verify_file", "make_cifar100_archive",
     "read_batch_file", "read_meta_file", "write_cifar100_files", "augment", "channel_mean_std",

@@ -63,12 +63,14 @@ class ImageSplit:
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
     """``train`` / ``test`` ``ImageSplit``s and the names of the fine and coarse classes
-    (``fine_names[label]``, ``coarse_names[coarse_label]``)."""
+    (``fine_names[label]``, ``coarse_names[coarse_label]``); ``val`` is a validation
+    split held out of the training images by :func:`split_validation` (None until then)."""
 
     train: ImageSplit
     test: ImageSplit
     fine_names: tuple
     coarse_names: tuple
+    val: ImageSplit = None
 
     @property
     def n_classes(self):
@@ -85,7 +87,11 @@ class ImageDataset:
         groups[self.train.labels] = self.train.coarse_labels
         consistent = groups[self.train.labels] == self.train.coarse_labels
         if not np.all(consistent) or np.any(groups < 0):
-            raise ValueError("every fine class must appear in train under exactly one coarse label")
+            absent = int(np.sum(groups < 0))
+            raise ValueError(
+                f"every fine class must appear in train under exactly one coarse label; {absent} of "
+                f"{self.n_classes} classes are absent from the {len(self.train)} training images "
+                f"(a subset needs at least one image per class)")
         return groups
 
 
@@ -130,6 +136,32 @@ def subset(dataset, n, *, n_test=None, seed=0):
     return ImageDataset(dataset.train.take(stratified_indices(dataset.train.labels, n, rng)),
                         dataset.test.take(stratified_indices(dataset.test.labels, n_test, rng)),
                         dataset.fine_names, dataset.coarse_names)
+
+
+def split_validation(dataset, n_val, *, seed=0):
+    """Hold ``n_val`` training images out as ``dataset.val`` (stratified, reproducible).
+
+    Every choice (recipe, epochs, temperature schedule, tree, cutoffs, which epoch to
+    report) is made on this split; the test split is only reported. The images are
+    drawn with :func:`stratified_indices` from ``seed`` (an int), so each class keeps its
+    share, and the rest stay in ``train`` in their original order.
+
+    Returns a new ``ImageDataset`` with ``train`` (N - n_val) and ``val`` (n_val);
+    ``n_val == 0`` returns ``dataset`` unchanged (no validation split).
+    """
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
+    if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or not 0 <= n_val < len(dataset.train):
+        raise ValueError(f"n_val must be an int in [0, {len(dataset.train) - 1}] (the training images "
+                         f"minus at least one), got {n_val!r}")
+    if n_val == 0:
+        return dataset
+    # A generator of its own (not the --subset one), so the split does not depend on --subset's draws.
+    held_out = stratified_indices(dataset.train.labels, int(n_val), np.random.default_rng([seed, 1]))
+    keep = np.ones(len(dataset.train), dtype=bool)
+    keep[held_out] = False
+    return ImageDataset(dataset.train.take(np.flatnonzero(keep)), dataset.test, dataset.fine_names,
+                        dataset.coarse_names, val=dataset.train.take(held_out))
 
 
 def _read_split(path, fine_names, coarse_names):
