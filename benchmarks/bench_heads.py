@@ -1,7 +1,9 @@
-"""Forward + backward time per batch of the four softmax heads as the number of classes grows.
+"""Forward + backward time per batch of the five softmax heads as the number of classes grows.
 
-    python benchmarks/bench_heads.py              # K = 100 ... 100,000 (+ hierarchical at 1M), ~1-2 min
+    python benchmarks/bench_heads.py              # K = 100 ... 100,000 (+ hierarchical, sampled at 1M), ~1-2 min
     python benchmarks/bench_heads.py --quick      # K = 100 ... 10,000, a few seconds
+    python benchmarks/bench_heads.py --search     # exact tree decoding: best-first search vs full predict
+    python benchmarks/bench_heads.py --search --search-classes 100000 --train-steps 100  # smaller
     python benchmarks/bench_heads.py --threads 1  # limit BLAS threads (threadpoolctl)
     python benchmarks/bench_heads.py --statistic min  # fastest step instead of the median
 
@@ -14,6 +16,13 @@ cutoffs and the Huffman tree are built for. Heads:
 * hierarchical        balanced binary tree, O(B D log2 K)
 * hierarchical-huffman  Huffman tree from the Zipf frequencies (frequent classes shallow)
 * adaptive            cutoffs [s, 5s, 25s, ...] < K with s = clip(K // 50, 20, 2000), div_value 4
+* sampled             sampled softmax, n_samples = min(512, K // 4) log-uniform candidates per batch
+
+``--search`` times ``HierarchicalSoftmaxHead.predict(h, method="search")`` (exact, best-first)
+against the full exact ``predict`` on a head trained until confident (features drawn around
+class centroids, a few hundred ``sparse_sgd_step``s), asserting identical answers, and on
+random untrained weights (the worst case: a flat distribution makes the search expand many
+nodes).
 
 For every K all heads are built first and then timed *interleaved* (round-robin over
 the heads, several rounds), so a slow phase of the machine hits all of them alike;
@@ -35,10 +44,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from npsoftmax.heads import (AdaptiveSoftmaxHead, GumbelSoftmaxHead,  # noqa: E402
-                             HierarchicalSoftmaxHead, SoftmaxHead, huffman_tree)
+                             HierarchicalSoftmaxHead, SampledSoftmaxHead, SoftmaxHead, huffman_tree)
 
 BATCH, FEATURES = 128, 256
-HEAD_NAMES = ["softmax", "gumbel", "hierarchical", "hierarchical-huffman", "adaptive"]
+HEAD_NAMES = ["softmax", "gumbel", "hierarchical", "hierarchical-huffman", "adaptive", "sampled"]
 
 
 def zipf_probabilities(n_classes):
@@ -68,6 +77,8 @@ def build_heads(n_classes, names, seed):
             FEATURES, n_classes, rng=rng, tree=huffman_tree(probabilities)),
         "adaptive": lambda rng: AdaptiveSoftmaxHead(
             FEATURES, n_classes, rng=rng, cutoffs=adaptive_cutoffs(n_classes)),
+        "sampled": lambda rng: SampledSoftmaxHead(
+            FEATURES, n_classes, rng=rng, n_samples=min(512, n_classes // 4)),
     }
     return {name: builders[name](np.random.default_rng(seed)) for name in names}
 
@@ -169,6 +180,77 @@ def plot(results, sizes, path):
     print(f"plot written to {path}")
 
 
+def train_confident_tree(n_classes, n_centroids, steps, seed, learning_rate=1.0):
+    """A balanced-tree head trained with ``sparse_sgd_step`` on features around class centroids.
+
+    ``n_centroids`` classes (spread over the whole range) get a centroid in R^D; a batch
+    draws B of them and adds noise. Returns ``(head, centroids (C, D), their classes (C,))``.
+    """
+    rng = np.random.default_rng(seed)
+    head = HierarchicalSoftmaxHead(FEATURES, n_classes, rng=rng)
+    classes = np.sort(rng.choice(n_classes, size=n_centroids, replace=False))
+    centroids = rng.standard_normal((n_centroids, FEATURES)).astype(np.float32)
+    for _ in range(steps):
+        pick = rng.integers(0, n_centroids, BATCH)
+        h = centroids[pick] + 0.3 * rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
+        head.forward(h, classes[pick])
+        head.backward()
+        head.sparse_sgd_step(learning_rate)
+    return head, centroids, classes
+
+
+def time_decoders(head, h, repeats):
+    """Min time [ms] of full exact predict and of search; asserts equal answers."""
+    full_ms, search_ms = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        exact = head.predict(h)
+        full_ms.append(1e3 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        found = head.predict(h, method="search")
+        search_ms.append(1e3 * (time.perf_counter() - start))
+        mismatch = np.flatnonzero(exact != found)
+        assert mismatch.size == 0, f"search != exact on rows {mismatch[:10]}"
+    return min(full_ms), min(search_ms), head.last_search_expansions
+
+
+def search_benchmark(args):
+    """Best-first search vs full exact predict (the ``--search`` section)."""
+    rng = np.random.default_rng(args.seed + 1)
+    rows = []
+    for n_classes in args.search_classes:
+        started = time.perf_counter()
+        head, centroids, classes = train_confident_tree(n_classes, args.centroids, args.train_steps, args.seed)
+        pick = rng.integers(0, len(classes), BATCH)
+        h = centroids[pick] + 0.3 * rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
+        full, search, expansions = time_decoders(head, h, args.search_repeats)
+        accuracy = float(np.mean(head.predict(h, method="search") == classes[pick]))
+        rows.append((f"trained K={n_classes:,}", BATCH, full, search, expansions, accuracy))
+        print(f"K={n_classes:,}: trained {args.train_steps} steps and timed in "
+              f"{time.perf_counter() - started:.1f} s (depth {head.tree.max_depth})", flush=True)
+        del head
+    for n_classes in args.worst_classes:
+        head = HierarchicalSoftmaxHead(FEATURES, n_classes, rng=np.random.default_rng(args.seed))
+        h = rng.standard_normal((args.worst_batch, FEATURES)).astype(np.float32)
+        full, search, expansions = time_decoders(head, h, 1)
+        rows.append((f"random K={n_classes:,}", args.worst_batch, full, search, expansions, float("nan")))
+        del head
+    lines = ["exact decoding: full predict vs best-first search (identical answers asserted), float32, "
+             f"D={FEATURES}",
+             f"{'head':>22} {'batch':>6} {'full [ms]':>11} {'search [ms]':>12} {'speed-up':>9} "
+             f"{'expanded mean':>14} {'max':>8} {'top-1 acc':>10}"]
+    for name, batch, full, search, expansions, accuracy in rows:
+        lines.append(f"{name:>22} {batch:>6} {full:>11.1f} {search:>12.1f} {full / search:>8.1f}x "
+                     f"{expansions.mean():>14.1f} {expansions.max():>8} {accuracy:>10.3f}")
+    for name, batch, full, search, *_ in rows:
+        if name == "trained K=1,000,000":
+            ratio = full / search
+            lines.append(f"K=1,000,000 trained: search {ratio:.0f}x faster than full predict "
+                         f"(target >= 50x): {'met' if ratio >= 50 else 'MISSED'}")
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="K up to 10,000 and fewer repeats")
@@ -179,7 +261,27 @@ def main(argv=None):
     parser.add_argument("--statistic", choices=("median", "min"), default="median",
                         help="summary of the timed steps (min is robust when other jobs share the CPUs)")
     parser.add_argument("--seed", type=int, default=0)
+    search = parser.add_argument_group("--search: exact hierarchical decoding")
+    search.add_argument("--search", action="store_true", help="run the search benchmark instead")
+    search.add_argument("--search-classes", type=int, nargs="+", default=[100_000, 1_000_000],
+                        help="K of the trained heads (default 100000 1000000)")
+    search.add_argument("--centroids", type=int, default=2048, help="classes with a centroid (default 2048)")
+    search.add_argument("--train-steps", type=int, default=400, help="sparse SGD steps (default 400)")
+    search.add_argument("--search-repeats", type=int, default=2, help="timed repeats (min reported)")
+    search.add_argument("--worst-classes", type=int, nargs="*", default=[100_000],
+                        help="K of untrained (random) heads, the worst case (default 100000)")
+    search.add_argument("--worst-batch", type=int, default=4, help="batch of the worst case (default 4)")
     args = parser.parse_args(argv)
+    if args.search:
+        limiter = None
+        if args.threads is not None:
+            from threadpoolctl import threadpool_limits
+            limiter = threadpool_limits(args.threads)
+        print(thread_report(args.threads))
+        rows = search_benchmark(args)
+        if limiter is not None:
+            limiter.restore_original_limits()
+        return rows
 
     if args.quick:
         plan = [(100, HEAD_NAMES, 5), (1_000, HEAD_NAMES, 5), (10_000, HEAD_NAMES, 3)]
@@ -187,7 +289,7 @@ def main(argv=None):
         plan = [(100, HEAD_NAMES, 8), (1_000, HEAD_NAMES, 8), (10_000, HEAD_NAMES, 6),
                 (100_000, HEAD_NAMES, 6)]
         if not args.no_million:
-            plan.append((1_000_000, ["hierarchical", "hierarchical-huffman"], 6))
+            plan.append((1_000_000, ["hierarchical", "hierarchical-huffman", "sampled"], 6))
 
     limiter = None
     if args.threads is not None:

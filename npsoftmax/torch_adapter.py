@@ -30,6 +30,7 @@ Sequential                 nn.Sequential ("0.w" -> "0.weight")          -
 SoftmaxHead                TorchSoftmaxHead: nn.Linear + cross-entropy  W.T -> linear.weight, b
 GumbelSoftmaxHead          TorchGumbelSoftmaxHead (same tau, noise=)    W.T -> linear.weight, b
 HierarchicalSoftmaxHead    TorchHierarchicalSoftmaxHead (same tree)     node_W, node_b (no .T)
+SampledSoftmaxHead         TorchSampledSoftmaxHead (same samples=)      class_W, class_b (no .T)
 AdaptiveSoftmaxHead        nn.AdaptiveLogSoftmaxWithLoss                head_W.T -> head.weight,
                                                                         tail{i}_proj.T -> tail[i][0],
                                                                         tail{i}_out.T -> tail[i][1]
@@ -38,7 +39,8 @@ Classifier                 TorchClassifier (.body, .head)               "body.*"
 
 Every torch head has the npsoftmax head protocol in torch terms:
 ``forward(h, y) -> scalar mean NLL`` (the Gumbel head also takes ``noise=``),
-``log_prob(h) -> (N, K)`` and ``predict(h) -> (N,)``; ``nn.AdaptiveLogSoftmaxWithLoss``
+``log_prob(h) -> (N, K)`` and ``predict(h) -> (N,)``; ``class_weights`` and ``label_smoothing``
+are carried over (``cross_entropy(weight=, label_smoothing=)``); ``nn.AdaptiveLogSoftmaxWithLoss``
 returns ``(output, loss)`` instead, so use :func:`head_loss` to get the loss of any head.
 
 Copies are exact: the torch modules are built in the numpy arrays' dtype (float32
@@ -50,7 +52,10 @@ import numbers
 
 import numpy as np
 
-from .heads import AdaptiveSoftmaxHead, GumbelSoftmaxHead, HierarchicalSoftmaxHead, SoftmaxHead
+from .heads import (AdaptiveSoftmaxHead, GumbelSoftmaxHead, HierarchicalSoftmaxHead, SampledSoftmaxHead,
+                    SoftmaxHead)
+from .heads.base import check_class_weights, check_label_smoothing
+from .heads.candidate_sampling import CandidateSampler
 from .heads.gumbel import check_temperature
 from .heads.trees import Tree
 from .layers import BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
@@ -72,12 +77,13 @@ __all__ = [
     "TorchSoftmaxHead",
     "TorchGumbelSoftmaxHead",
     "TorchHierarchicalSoftmaxHead",
+    "TorchSampledSoftmaxHead",
     "TorchClassifier",
 ]
 
 #: The torch module classes defined here; they exist only once torch is importable.
 _TORCH_CLASS_NAMES = ("TorchSoftmaxHead", "TorchGumbelSoftmaxHead", "TorchHierarchicalSoftmaxHead",
-                      "TorchClassifier")
+                      "TorchSampledSoftmaxHead", "TorchClassifier")
 
 
 def require_torch():
@@ -141,16 +147,26 @@ def _torch_classes():
 
         ``linear.weight`` (K, D) is ``W.T``, ``linear.bias`` (K,) is ``b``.
         ``forward(h (N, D), y (N,) int64) -> scalar`` mean NLL; ``log_prob(h) -> (N, K)``;
-        ``predict(h) -> (N,)``.
+        ``predict(h) -> (N,)``. ``class_weights (K,)`` and ``label_smoothing`` are passed to
+        ``cross_entropy`` as ``weight=`` and ``label_smoothing=``.
         """
 
-        def __init__(self, in_features, n_classes, *, device=None, dtype=None):
+        def __init__(self, in_features, n_classes, *, device=None, dtype=None, class_weights=None,
+                     label_smoothing=0.0):
             super().__init__()
             self.in_features, self.n_classes = in_features, n_classes
             self.linear = nn.Linear(in_features, n_classes, device=device, dtype=dtype)
+            self.label_smoothing = check_label_smoothing(label_smoothing)
+            weights = check_class_weights(class_weights, n_classes)
+            self.register_buffer("class_weights", None if weights is None else torch.tensor(
+                weights, device=device, dtype=self.linear.weight.dtype), persistent=False)
+
+        def _cross_entropy(self, logits, y):
+            return functional.cross_entropy(logits, y, weight=self.class_weights,
+                                            label_smoothing=self.label_smoothing)
 
         def forward(self, h, y):
-            return functional.cross_entropy(self.linear(h), y)
+            return self._cross_entropy(self.linear(h), y)
 
         def log_prob(self, h):
             return functional.log_softmax(self.linear(h), dim=1)
@@ -167,8 +183,10 @@ def _torch_classes():
         noise. Eval mode, ``log_prob`` and ``predict``: noise-free ``softmax(z)``.
         """
 
-        def __init__(self, in_features, n_classes, *, tau=1.0, device=None, dtype=None, generator=None):
-            super().__init__(in_features, n_classes, device=device, dtype=dtype)
+        def __init__(self, in_features, n_classes, *, tau=1.0, device=None, dtype=None, generator=None,
+                     class_weights=None, label_smoothing=0.0):
+            super().__init__(in_features, n_classes, device=device, dtype=dtype, class_weights=class_weights,
+                             label_smoothing=label_smoothing)
             self.tau = tau
             self.generator = generator
             self.last_noise = None
@@ -187,7 +205,7 @@ def _torch_classes():
             if not self.training:
                 if noise is not None:
                     raise ValueError("noise is only used in training mode; this head is in eval mode")
-                return functional.cross_entropy(logits, y)
+                return self._cross_entropy(logits, y)
             if noise is None:
                 noise = gumbel_noise(logits.shape, dtype=logits.dtype, device=logits.device,
                                      generator=self.generator)
@@ -195,7 +213,7 @@ def _torch_classes():
                 raise ValueError(f"noise must be a {logits.dtype} tensor of shape {tuple(logits.shape)}, "
                                  f"got {noise.dtype} {tuple(noise.shape)}")
             self.last_noise = noise
-            return functional.cross_entropy((logits + noise.to(logits.device)) / self.tau, y)
+            return self._cross_entropy((logits + noise.to(logits.device)) / self.tau, y)
 
         def extra_repr(self):
             return f"tau={self.tau:g}"
@@ -258,6 +276,72 @@ def _torch_classes():
         def extra_repr(self):
             return f"in_features={self.in_features}, n_classes={self.n_classes}, tree={self.tree!r}"
 
+    class TorchSampledSoftmaxHead(nn.Module):
+        """The twin of :class:`~npsoftmax.heads.SampledSoftmaxHead` (TF's ``sampled_softmax_loss``).
+
+        Parameters ``class_W (K, D)`` and ``class_b (K,)`` as the numpy head. Written
+        densely, an independent check of the numpy head's row gathers: all K logits
+        ``z = h class_W^T + class_b``, then the target's and the sampled columns, each minus
+        ``log E`` with ``E = 1 - (1 - Q)^num_tries`` (``subtract_log_q``), sampled columns
+        equal to the target set to -inf (``remove_accidental_hits``), and cross-entropy with
+        the target at position 0 (weighted mean with ``class_weights``).
+
+        ``forward(h, y, samples)`` needs the numpy head's ``CandidateSample`` in training
+        mode (``samples=head.last_samples``); eval mode, ``log_prob``, ``predict``: full softmax.
+        """
+
+        def __init__(self, in_features, n_classes, *, n_samples, sampler="log_uniform", class_counts=None,
+                     remove_accidental_hits=True, subtract_log_q=True, class_weights=None, device=None,
+                     dtype=None):
+            super().__init__()
+            self.in_features, self.n_classes, self.n_samples = in_features, n_classes, n_samples
+            self.sampler = CandidateSampler(n_classes, sampler, class_counts)
+            self.remove_accidental_hits, self.subtract_log_q = remove_accidental_hits, subtract_log_q
+            self.class_W = nn.Parameter(torch.zeros(n_classes, in_features, device=device, dtype=dtype))
+            self.class_b = nn.Parameter(torch.zeros(n_classes, device=device, dtype=dtype))
+            weights = check_class_weights(class_weights, n_classes)
+            self.register_buffer("class_weights", None if weights is None else torch.tensor(
+                weights, device=device, dtype=self.class_W.dtype), persistent=False)
+
+        def _logits(self, h):
+            return h @ self.class_W.T + self.class_b
+
+        def forward(self, h, y, samples=None):
+            logits = self._logits(h)
+            if not self.training:
+                if samples is not None:
+                    raise ValueError("samples are only used in training mode; this head is in eval mode")
+                return functional.cross_entropy(logits, y, weight=self.class_weights)
+            if samples is None:
+                raise ValueError("TorchSampledSoftmaxHead.forward needs samples= (a CandidateSample, "
+                                 "e.g. the numpy head's last_samples) in training mode")
+            ids = torch.as_tensor(np.asarray(samples.ids), device=h.device)
+            candidates = torch.cat([y[:, None], ids[None, :].expand(len(y), -1)], dim=1)  # (N, 1 + n)
+            candidate_logits = logits.gather(1, candidates)
+            if self.subtract_log_q:
+                proposal = torch.as_tensor(self.sampler.probabilities, device=h.device)  # Q (K,) float64
+                expected = -torch.expm1(samples.num_tries * torch.log1p(-proposal[candidates]))
+                candidate_logits = candidate_logits - torch.log(expected).to(logits.dtype)
+            if self.remove_accidental_hits:
+                hit = torch.cat([torch.zeros_like(y[:, None], dtype=torch.bool),
+                                 candidates[:, 1:] == y[:, None]], dim=1)
+                candidate_logits = candidate_logits.masked_fill(hit, -torch.inf)
+            nll = -functional.log_softmax(candidate_logits, dim=1)[:, 0]
+            if self.class_weights is None:
+                return nll.mean()
+            weights = self.class_weights[y]
+            return (weights * nll).sum() / weights.sum()
+
+        def log_prob(self, h):
+            return functional.log_softmax(self._logits(h), dim=1)
+
+        def predict(self, h):
+            return self.log_prob(h).argmax(dim=1)
+
+        def extra_repr(self):
+            return (f"in_features={self.in_features}, n_classes={self.n_classes}, n_samples={self.n_samples}, "
+                    f"sampler={self.sampler.name!r}")
+
     class TorchClassifier(nn.Module):
         """Body + head, the twin of :class:`~npsoftmax.models.Classifier`.
 
@@ -288,12 +372,15 @@ def head_loss(head, h, y, noise=None):
     """Mean NLL (scalar tensor) of any converted head on features ``h (N, D)``, labels ``y (N,)``.
 
     ``nn.AdaptiveLogSoftmaxWithLoss`` returns ``(output, loss)``: this picks ``loss``.
-    ``noise`` (N, K) is passed to the Gumbel head and refused by the others.
+    ``noise`` (N, K) is passed to the Gumbel head (and a ``CandidateSample`` to the sampled
+    head, as its ``samples``) and refused by the others.
     """
     torch = require_torch()
     classes = _torch_classes()
     if isinstance(head, classes.TorchGumbelSoftmaxHead):
         return head(h, y, noise=noise)
+    if isinstance(head, classes.TorchSampledSoftmaxHead):
+        return head(h, y, samples=noise)
     if noise is not None:
         raise ValueError(f"noise is only used by the Gumbel head, got a {type(head).__name__}")
     if isinstance(head, torch.nn.AdaptiveLogSoftmaxWithLoss):
@@ -339,12 +426,25 @@ def _build_torch(module, torch, device):
         built = nn.Dropout(module.p)
     elif isinstance(module, GumbelSoftmaxHead):
         built = classes.TorchGumbelSoftmaxHead(module.in_features, module.n_classes, tau=module.tau,
-                                               device=device, dtype=dtype)
+                                               device=device, dtype=dtype, class_weights=module.class_weights,
+                                               label_smoothing=module.label_smoothing)
     elif isinstance(module, SoftmaxHead):
-        built = classes.TorchSoftmaxHead(module.in_features, module.n_classes, device=device, dtype=dtype)
+        built = classes.TorchSoftmaxHead(module.in_features, module.n_classes, device=device, dtype=dtype,
+                                         class_weights=module.class_weights,
+                                         label_smoothing=module.label_smoothing)
+    elif isinstance(module, SampledSoftmaxHead):
+        sampler = module.sampler
+        built = classes.TorchSampledSoftmaxHead(
+            module.in_features, module.n_classes, n_samples=module.n_samples, sampler=sampler.name,
+            class_counts=sampler.probabilities if sampler.name == "unigram" else None,
+            remove_accidental_hits=module.remove_accidental_hits, subtract_log_q=module.subtract_log_q,
+            class_weights=module.class_weights, device=device, dtype=dtype)
     elif isinstance(module, HierarchicalSoftmaxHead):
         built = classes.TorchHierarchicalSoftmaxHead(module.tree, module.in_features, device=device, dtype=dtype)
     elif isinstance(module, AdaptiveSoftmaxHead):
+        if module.class_weights is not None:
+            raise ValueError("torch's nn.AdaptiveLogSoftmaxWithLoss has no class weights: an adaptive head "
+                             "with class_weights has no torch twin (weight its per-sample `output` instead)")
         built = nn.AdaptiveLogSoftmaxWithLoss(module.in_features, module.n_classes, module.cutoffs[:-1],
                                               div_value=module.div_value, head_bias=module.head_bias,
                                               device=device, dtype=dtype)
@@ -376,6 +476,13 @@ def _single(value, name, module):
     if not isinstance(value, numbers.Integral):
         raise ValueError(f"{type(module).__name__}.{name} must be an int, got {value!r}")
     return int(value)
+
+
+def _loss_options(module):
+    """``class_weights`` (numpy or None) and ``label_smoothing`` of a torch head twin."""
+    weights = module.class_weights
+    return {"class_weights": None if weights is None else weights.detach().cpu().numpy().astype(np.float64),
+            "label_smoothing": getattr(module, "label_smoothing", 0.0)}
 
 
 def _build_numpy(module, torch, rng):
@@ -426,9 +533,17 @@ def _build_numpy(module, torch, rng):
     elif isinstance(module, nn.Dropout):
         built = Dropout(module.p, rng=rng)
     elif isinstance(module, classes.TorchGumbelSoftmaxHead):
-        built = GumbelSoftmaxHead(module.in_features, module.n_classes, rng=rng, dtype=dtype, tau=module.tau)
+        built = GumbelSoftmaxHead(module.in_features, module.n_classes, rng=rng, dtype=dtype, tau=module.tau,
+                                  **_loss_options(module))
     elif isinstance(module, classes.TorchSoftmaxHead):
-        built = SoftmaxHead(module.in_features, module.n_classes, rng=rng, dtype=dtype)
+        built = SoftmaxHead(module.in_features, module.n_classes, rng=rng, dtype=dtype, **_loss_options(module))
+    elif isinstance(module, classes.TorchSampledSoftmaxHead):
+        sampler = module.sampler
+        built = SampledSoftmaxHead(
+            module.in_features, module.n_classes, rng=rng, dtype=dtype, n_samples=module.n_samples,
+            sampler=sampler.name, class_counts=sampler.probabilities if sampler.name == "unigram" else None,
+            remove_accidental_hits=module.remove_accidental_hits, subtract_log_q=module.subtract_log_q,
+            class_weights=_loss_options(module)["class_weights"])
     elif isinstance(module, classes.TorchHierarchicalSoftmaxHead):
         built = HierarchicalSoftmaxHead(module.in_features, module.n_classes, rng=rng, dtype=dtype,
                                         tree=module.tree)
@@ -464,6 +579,7 @@ def _pairs(numpy_module, torch_module, torch, prefix=""):
         MaxPool2d: nn.MaxPool2d, Flatten: nn.Flatten, Dropout: nn.Dropout,
         SoftmaxHead: classes.TorchSoftmaxHead, GumbelSoftmaxHead: classes.TorchGumbelSoftmaxHead,
         HierarchicalSoftmaxHead: classes.TorchHierarchicalSoftmaxHead,
+        SampledSoftmaxHead: classes.TorchSampledSoftmaxHead,
         AdaptiveSoftmaxHead: nn.AdaptiveLogSoftmaxWithLoss,
     }
     where = prefix.rstrip(".") or "the top level"
@@ -505,6 +621,9 @@ def _pairs(numpy_module, torch_module, torch, prefix=""):
     elif isinstance(numpy_module, (SoftmaxHead, GumbelSoftmaxHead)):
         add("params", "W", torch_module.linear.weight, transposed=True)
         add("params", "b", torch_module.linear.bias)
+    elif isinstance(numpy_module, SampledSoftmaxHead):
+        add("params", "class_W", torch_module.class_W)
+        add("params", "class_b", torch_module.class_b)
     elif isinstance(numpy_module, HierarchicalSoftmaxHead):
         add("params", "node_W", torch_module.node_W)
         add("params", "node_b", torch_module.node_b)

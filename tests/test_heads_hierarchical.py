@@ -133,7 +133,8 @@ def test_greedy_decoding_is_approximate_and_never_the_default():
     assert head.predict(h)[0] == 2
     assert head.predict(h, method="exact")[0] == 2
     assert head.predict(h, method="greedy")[0] == 0
-    with pytest.raises(ValueError, match="method must be 'exact' or 'greedy'"):
+    assert head.predict(h, method="search")[0] == 2  # search is exact where greedy is not
+    with pytest.raises(ValueError, match="method must be 'exact', 'search' or 'greedy'"):
         head.predict(h, method="beam")
 
 
@@ -205,3 +206,84 @@ def test_gradient_memory_is_not_touched_densely():
     rows = head.row_grads["node_W"][0]
     assert rows.size <= 16 * head.tree.max_depth
     assert np.count_nonzero(np.any(head.grads["node_W"] != 0, axis=1)) <= rows.size
+
+
+# -- exact decoding by best-first search -----------------------------------------------------------
+SEARCH_TREES = {
+    "balanced-100": lambda: balanced_tree(100),
+    "ternary-100": lambda: balanced_tree(100, 3),
+    "cifar100": lambda: tree_from_groups(COARSE_OF_FINE),
+    "huffman": lambda: huffman_tree(np.random.default_rng(0).integers(1, 100, 37)),
+    "nested": lambda: Tree.from_nested([[0, 1, [2, 3, 4, 5]], 6, [7, [8, 9]]]),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(SEARCH_TREES))
+def test_search_and_topk_equal_the_full_log_prob(name, dtype):
+    rng = np.random.default_rng(11)
+    tree = SEARCH_TREES[name]()
+    head = HierarchicalSoftmaxHead(6, tree.n_classes, rng=rng, dtype=dtype, tree=tree)
+    head.params["node_W"] *= 3
+    head.params["node_b"][...] = rng.standard_normal(tree.n_classes - 1)
+    h = rng.standard_normal((40, 6)).astype(dtype)
+    log_prob = head.log_prob(h)
+    np.testing.assert_array_equal(head.predict(h, method="search"), np.argmax(log_prob, axis=1))
+    assert head.last_search_expansions.shape == (40,) and head.last_search_expansions.dtype == np.int64
+    k = min(7, tree.n_classes)
+    classes, values = head.topk(h, k)
+    order = np.argsort(-log_prob, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(classes, order)
+    assert classes.dtype == np.int64 and values.dtype == dtype and values.shape == (40, k)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(values, np.take_along_axis(log_prob, order, axis=1), rtol=tolerance, atol=tolerance)
+    assert np.all(np.diff(values, axis=1) <= 0)
+    # every class, in order: the whole distribution (batch of 1)
+    classes, _ = head.topk(h[:1], tree.n_classes)
+    np.testing.assert_array_equal(classes[0], np.argsort(-log_prob[0], kind="stable"))
+
+
+def test_search_breaks_exact_ties_like_argmax():
+    # Zero weights and biases: every node is uniform. K = 64 (balanced binary): all leaves
+    # tie at 6 log(1/2) and argmax answers 0. K = 100: the shallower leaves (depth 6) tie
+    # above the deeper ones, argmax takes the first shallow one.
+    for n_classes in (64, 100):
+        head = HierarchicalSoftmaxHead(3, n_classes, rng=np.random.default_rng(0), dtype=np.float64)
+        head.params["node_W"][...] = 0
+        head.params["node_b"][...] = 0
+        h = np.random.default_rng(1).standard_normal((4, 3))
+        log_prob = head.log_prob(h)
+        np.testing.assert_array_equal(head.predict(h, method="search"), np.argmax(log_prob, axis=1))
+        classes, _ = head.topk(h, 10)
+        np.testing.assert_array_equal(classes, np.argsort(-log_prob, axis=1, kind="stable")[:, :10])
+    # A tie between subtrees whose best leaves come in the "wrong" order: node A = {3, 4} and
+    # node B = {0, 5}... written so that the tied leaves are 4 (left subtree) and 0 (right).
+    tree = Tree.from_nested([[3, 4], [0, 5], [1, 2]])
+    head = HierarchicalSoftmaxHead(1, 6, rng=np.random.default_rng(0), dtype=np.float64, tree=tree)
+    head.params["node_W"][...] = 0
+    # root rows (A, B), A's row (3 vs 4), B's row (0 vs 5), C's row (1 vs 2); equal root scores
+    # for A and B, and "4" in A as likely as "0" in B: classes 4 and 0 tie exactly.
+    head.params["node_b"][...] = [0.5, 0.5, -1.0, 1.0, 0.0]
+    h = np.zeros((1, 1))
+    log_prob = head.log_prob(h)
+    assert log_prob[0, 4] == log_prob[0, 0] == log_prob[0].max()
+    assert head.predict(h, method="search")[0] == 0 == np.argmax(log_prob[0])
+    np.testing.assert_array_equal(head.topk(h, 6)[0][0], np.argsort(-log_prob[0], kind="stable"))
+
+
+def test_search_expands_few_nodes_on_a_confident_head_and_validates_k():
+    rng = np.random.default_rng(12)
+    head = HierarchicalSoftmaxHead(8, 4096, rng=rng, dtype=np.float64)
+    y = rng.integers(0, 4096, 16)
+    # Make the head confident about y: every decision on y's path scored +-20.
+    h = rng.standard_normal((16, 8))
+    head.params["node_W"][...] = 0
+    for i, label in enumerate(y[:1]):
+        for node, position in head.tree.path(label):
+            head.params["node_b"][head.row_offsets[node]] = 20.0 if position == 0 else -20.0
+    assert head.predict(h[:1], method="search")[0] == y[0]
+    assert head.last_search_expansions[0] == head.tree.depth[y[0]]  # straight down: depth expansions
+    with pytest.raises(ValueError, match=r"k must lie in \[1, n_classes\] = \[1, 4096\], got 0"):
+        head.topk(h, 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        head.topk(h, 2.0)

@@ -1,4 +1,7 @@
-"""The head protocol, checked identically for all four heads (and several trees).
+"""The head protocol, checked identically for the heads (and several trees).
+
+(The sampled head, and every head with its options, also go through ``npsoftmax.check_head``
+in ``test_conformance.py``.)
 
 Gradient checks in float64 for ``h`` and every parameter (batch 1 and 7, random
 features and labels), normalised ``log_prob``, ``predict == argmax(log_prob)``,
@@ -11,8 +14,8 @@ import pytest
 
 from npsoftmax.gradcheck import HEAD_TOLERANCE, gradient_errors
 from npsoftmax.heads import (HEADS, AdaptiveSoftmaxHead, GumbelSoftmaxHead,
-                             HierarchicalSoftmaxHead, SoftmaxHead, balanced_tree, huffman_tree,
-                             logsumexp, make_head)
+                             HierarchicalSoftmaxHead, SampledSoftmaxHead, SoftmaxHead, balanced_tree,
+                             huffman_tree, logsumexp, make_head)
 
 K = 100
 
@@ -184,24 +187,29 @@ def test_input_validation_names_the_argument(config):
         build(config).backward()
 
 
+#: Options a head cannot be built without.
+REQUIRED = {"sampled": {"n_samples": 1}}
+
+
 @pytest.mark.parametrize("name", list(HEADS))
 def test_constructor_validation(name):
     rng = np.random.default_rng(0)
+    required = REQUIRED.get(name, {})
     with pytest.raises(ValueError, match="in_features must be >= 1, got 0"):
-        make_head(name, 0, 10, rng=rng)
+        make_head(name, 0, 10, rng=rng, **required)
     with pytest.raises(ValueError, match="n_classes must be >= 2, got 1"):
-        make_head(name, 4, 1, rng=rng)
+        make_head(name, 4, 1, rng=rng, **required)
     with pytest.raises(TypeError, match="in_features must be an int"):
-        make_head(name, 4.0, 10, rng=rng)
+        make_head(name, 4.0, 10, rng=rng, **required)
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        make_head(name, 4, 10, rng=0)
+        make_head(name, 4, 10, rng=0, **required)
     with pytest.raises(TypeError, match="dtype must be float32 or float64, got int64"):
-        make_head(name, 4, 10, rng=rng, dtype=np.int64)
+        make_head(name, 4, 10, rng=rng, dtype=np.int64, **required)
 
 
 @pytest.mark.parametrize("name", list(HEADS))
 def test_train_eval_modes(name):
-    head = make_head(name, 4, 10, rng=np.random.default_rng(0))
+    head = make_head(name, 4, 10, rng=np.random.default_rng(0), **REQUIRED.get(name, {}))
     assert head.training is True
     assert head.eval() is head and head.training is False
     assert head.train() is head and head.training is True
@@ -210,9 +218,10 @@ def test_train_eval_modes(name):
 
 def test_registry():
     assert HEADS == {"softmax": SoftmaxHead, "gumbel": GumbelSoftmaxHead,
-                     "hierarchical": HierarchicalSoftmaxHead, "adaptive": AdaptiveSoftmaxHead}
+                     "hierarchical": HierarchicalSoftmaxHead, "adaptive": AdaptiveSoftmaxHead,
+                     "sampled": SampledSoftmaxHead}
     rng = np.random.default_rng(0)
-    choices = r"adaptive.*gumbel.*hierarchical.*softmax"
+    choices = r"adaptive.*gumbel.*hierarchical.*sampled.*softmax"
     with pytest.raises(ValueError, match=r"unknown head 'sparsemax'; choose one of .*" + choices):
         make_head("sparsemax", 4, 10, rng=rng)
     head = make_head("gumbel", 4, 10, rng=rng, dtype=np.float64, tau=0.25)
@@ -230,6 +239,7 @@ SANITY = {
     "hierarchical": {},
     "hierarchical-huffman": {"tree": "huffman", "class_counts": np.arange(20, 0, -1)},
     "adaptive": {"cutoffs": [10, 15], "div_value": 2.0},
+    "sampled": {"n_samples": 6, "sampler": "uniform"},
 }
 
 

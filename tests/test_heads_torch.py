@@ -118,3 +118,99 @@ def test_gumbel_softmax_backward_matches_autograd():
     reference.backward(torch.from_numpy(upstream))
     np.testing.assert_allclose(sample, as_numpy(reference), **TOLERANCE)
     np.testing.assert_allclose(gumbel_softmax_backward(upstream, cache), as_numpy(z.grad), **TOLERANCE)
+
+
+# -- class weights, label smoothing, the sampled head -------------------------------------------------
+@pytest.mark.parametrize("weighted,smoothing", [(True, 0.0), (False, 0.2), (True, 0.3)])
+@pytest.mark.parametrize("n_samples", [1, 9])
+def test_softmax_options_match_cross_entropy(weighted, smoothing, n_samples):
+    from npsoftmax.torch_adapter import grads_from_torch, to_torch
+    rng = np.random.default_rng(n_samples)
+    weights = rng.uniform(0.0, 3.0, 11) if weighted else None
+    head = SoftmaxHead(7, 11, rng=rng, dtype=np.float64, class_weights=weights, label_smoothing=smoothing)
+    head.params["b"][...] = rng.standard_normal(11)
+    h, y = rng.standard_normal((n_samples, 7)), rng.integers(0, 11, n_samples)
+    twin = to_torch(head)
+    x = torch.from_numpy(h.copy()).requires_grad_(True)
+    reference = twin(x, torch.from_numpy(y))
+    reference.backward()
+    # the twin is plain F.cross_entropy(weight=, label_smoothing=) on the same logits
+    logits = F.linear(torch.from_numpy(h), torch.from_numpy(head.params["W"].T.copy()),
+                      torch.from_numpy(head.params["b"]))
+    direct = F.cross_entropy(logits, torch.from_numpy(y), label_smoothing=smoothing,
+                             weight=None if weights is None else torch.from_numpy(weights))
+    assert float(direct) == pytest.approx(float(reference.detach()), rel=1e-14)
+    assert head.forward(h, y) == pytest.approx(float(reference.detach()), rel=1e-12)
+    np.testing.assert_allclose(head.backward(), as_numpy(x.grad), rtol=1e-10, atol=1e-13)
+    for name, expected in grads_from_torch(head, twin).items():
+        np.testing.assert_allclose(head.grads[name], expected, rtol=1e-10, atol=1e-13)
+
+
+def test_gumbel_options_match_cross_entropy_of_the_perturbed_tempered_logits():
+    from npsoftmax.torch_adapter import to_torch
+    rng = np.random.default_rng(3)
+    weights = rng.uniform(0.5, 2.0, 8)
+    head = GumbelSoftmaxHead(5, 8, rng=rng, dtype=np.float64, tau=0.4, class_weights=weights,
+                             label_smoothing=0.15)
+    h, y = rng.standard_normal((6, 5)), rng.integers(0, 8, 6)
+    loss = head.forward(h, y)
+    dh = head.backward()
+    twin = to_torch(head)
+    x = torch.from_numpy(h.copy()).requires_grad_(True)
+    reference = twin(x, torch.from_numpy(y), noise=torch.from_numpy(head.last_noise))
+    reference.backward()
+    assert loss == pytest.approx(float(reference.detach()), rel=1e-12)
+    np.testing.assert_allclose(dh, as_numpy(x.grad), rtol=1e-10, atol=1e-13)
+
+
+def test_adaptive_class_weights_are_a_weighted_mean_of_torch_output():
+    ours, theirs = adaptive_pair(32, 50, [10, 25], 2.0, False, seed=4)
+    rng = np.random.default_rng(4)
+    weights = rng.uniform(0.0, 2.0, 50)
+    ours.class_weights = AdaptiveSoftmaxHead(32, 50, rng=rng, cutoffs=[10, 25], class_weights=weights).class_weights
+    h, y = rng.standard_normal((13, 32)), rng.integers(0, 50, 13)
+    x = torch.from_numpy(h.copy()).requires_grad_(True)
+    w = torch.from_numpy(weights)[torch.from_numpy(y)]
+    output = theirs(x, torch.from_numpy(y)).output
+    reference = -(w * output).sum() / w.sum()
+    reference.backward()
+    assert ours.forward(h, y) == pytest.approx(float(reference.detach()), rel=1e-12)
+    np.testing.assert_allclose(ours.backward(), as_numpy(x.grad), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(ours.grads["head_W"], as_numpy(theirs.head.weight.grad).T, rtol=1e-10, atol=1e-13)
+    for i, tail in enumerate(theirs.tail):
+        np.testing.assert_allclose(ours.grads[f"tail{i}_proj"], as_numpy(tail[0].weight.grad).T,
+                                   rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(ours.grads[f"tail{i}_out"], as_numpy(tail[1].weight.grad).T,
+                                   rtol=1e-10, atol=1e-13)
+    from npsoftmax.torch_adapter import to_torch
+    with pytest.raises(ValueError, match="AdaptiveLogSoftmaxWithLoss has no class weights"):
+        to_torch(ours)
+
+
+@pytest.mark.parametrize("sampler,weighted", [("log_uniform", False), ("unigram", True), ("uniform", True)])
+def test_sampled_head_matches_its_torch_twin_given_the_same_samples(sampler, weighted):
+    from npsoftmax.heads import SampledSoftmaxHead
+    from npsoftmax.torch_adapter import from_torch, grads_from_torch, to_torch
+    rng = np.random.default_rng(5)
+    head = SampledSoftmaxHead(6, 40, rng=rng, dtype=np.float64, n_samples=8, sampler=sampler,
+                              class_counts=rng.integers(1, 30, 40) if sampler == "unigram" else None,
+                              class_weights=rng.uniform(0.2, 2.0, 40) if weighted else None)
+    head.params["class_b"][...] = rng.standard_normal(40)
+    h, y = rng.standard_normal((9, 6)), rng.integers(0, 40, 9)
+    head.forward(h, y)
+    y[2] = head.last_samples.ids[0]  # an accidental hit
+    loss = head.forward(h, y, samples=head.last_samples)
+    dh = head.backward()
+    twin = to_torch(head)
+    x = torch.from_numpy(h.copy()).requires_grad_(True)
+    reference = twin(x, torch.from_numpy(y), samples=head.last_samples)
+    reference.backward()
+    assert loss == pytest.approx(float(reference.detach()), rel=1e-12)
+    np.testing.assert_allclose(dh, as_numpy(x.grad), rtol=1e-10, atol=1e-13)
+    for name, expected in grads_from_torch(head, twin).items():
+        np.testing.assert_allclose(head.grads[name], expected, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        np.testing.assert_allclose(head.log_prob(h), as_numpy(twin.log_prob(torch.from_numpy(h))), rtol=1e-12)
+    back = from_torch(twin, rng=np.random.default_rng(0))
+    assert isinstance(back, SampledSoftmaxHead) and back.sampler.name == sampler
+    np.testing.assert_array_equal(back.params["class_W"], head.params["class_W"])

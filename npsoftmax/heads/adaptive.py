@@ -68,6 +68,11 @@ class AdaptiveSoftmaxHead(Head):
         div_value: width divisor per cluster, > 0 (default 4.0): cluster i projects to
             ``int(D // div_value ** (i + 1))`` dimensions, which must be >= 1.
         head_bias: whether the head projection has a bias (default False, as torch).
+        class_weights: optional (K,) weights: the loss is ``sum_i w[y_i] nll_i / sum_i w[y_i]``
+            (torch's ``AdaptiveLogSoftmaxWithLoss`` has no weights; this is the weighted mean
+            of its per-sample ``output``, as ``cross_entropy(weight=)`` defines it).
+        label_smoothing: must be 0 (ValueError otherwise: training never forms the
+            tail log-probs of samples outside a cluster).
 
     Attributes:
         cutoffs: the cutoffs with K appended, as torch stores them.
@@ -76,8 +81,9 @@ class AdaptiveSoftmaxHead(Head):
     """
 
     def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, cutoffs=None,
-                 div_value=4.0, head_bias=False):
-        super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
+                 div_value=4.0, head_bias=False, class_weights=None, label_smoothing=0.0):
+        super().__init__(in_features, n_classes, rng=rng, dtype=dtype, class_weights=class_weights,
+                         label_smoothing=label_smoothing)
         if isinstance(div_value, bool) or not isinstance(div_value, numbers.Real) \
                 or not np.isfinite(div_value) or div_value <= 0:
             raise ValueError(f"div_value must be a finite number > 0, got {div_value!r}")
@@ -128,6 +134,10 @@ class AdaptiveSoftmaxHead(Head):
         h, y = self._check_batch(h, y)
         n_samples = h.shape[0]
         everyone = np.arange(n_samples)
+        # a_i = 1/N, or w[y_i] / sum_j w[y_j]: the loss is -sum_i a_i output_i, and every
+        # per-sample gradient is a_i times that of -output_i.
+        sample_weight = self._sample_weights(y)
+        scale = sample_weight.astype(self.dtype)[:, None]
         # 0 = shortlist, i + 1 = tail cluster i.
         cluster_of = np.searchsorted(self.cutoffs[:-1], y, side="right")
         head_target = np.where(cluster_of == 0, y, self.shortlist_size + cluster_of - 1)
@@ -135,7 +145,7 @@ class AdaptiveSoftmaxHead(Head):
         output = head_log_prob[everyone, head_target]
         dhead = np.exp(head_log_prob)
         dhead[everyone, head_target] -= 1
-        dhead /= n_samples
+        dhead *= scale
         tails = []
         for i in range(self.n_clusters):
             members = np.flatnonzero(cluster_of == i + 1)
@@ -149,11 +159,13 @@ class AdaptiveSoftmaxHead(Head):
             output[members] += tail_log_prob[inside, relative]
             dscores = np.exp(tail_log_prob)
             dscores[inside, relative] -= 1
-            dscores /= n_samples
+            dscores *= scale[members]
             tails.append((members, hidden, dscores))
         self.last_output = output
         self._cache = (h, dhead, tails)
-        return -float(np.mean(output, dtype=np.float64))
+        if self.class_weights is None:
+            return -float(np.mean(output, dtype=np.float64))
+        return -float(np.dot(sample_weight, output))
 
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from .base import check_dtype, check_generator
 from .softmax import SoftmaxHead
-from .softmax_functions import softmax, softmax_cross_entropy
+from .softmax_functions import softmax
 
 
 def check_temperature(tau, name="tau"):
@@ -158,11 +158,18 @@ class GumbelSoftmaxHead(SoftmaxHead):
     Args:
         in_features: D.  n_classes: K.  rng: Generator (init and noise).
         dtype: float32 or float64.  tau: initial temperature (default 1.0).
+        class_weights: optional (K,) weights; label_smoothing: eps in [0, 1). Both as
+            torch's ``cross_entropy`` applied to the perturbed, tempered logits
+            ``(z + g) / tau`` (in eval mode: to ``z``).
     """
 
-    def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, tau=1.0):
+    randomness_argument = "noise"
+
+    def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, tau=1.0, class_weights=None,
+                 label_smoothing=0.0):
         self.tau = tau  # validated before anything is allocated
-        super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
+        super().__init__(in_features, n_classes, rng=rng, dtype=dtype, class_weights=class_weights,
+                         label_smoothing=label_smoothing)
         self.last_noise = None
 
     @property
@@ -193,7 +200,7 @@ class GumbelSoftmaxHead(SoftmaxHead):
         else:
             noise = _check_noise(noise, logits.shape, self.dtype)
         self.last_noise = noise
-        loss, dscaled = softmax_cross_entropy((logits + noise) / self.tau, y)
+        loss, dscaled = self._cross_entropy((logits + noise) / self.tau, y)
         # d/dz of t = (z + g)/tau is 1/tau: dz = (softmax(t) - onehot(y)) / (N tau).
         self._cache = (h, dscaled / self.tau)
         return loss

@@ -27,23 +27,48 @@ i at row u (``np.bincount``),
 
     dh = A @ node_W[rows],   d node_W[rows] = A^T @ h,   d node_b[rows] = sum_i A
 
-Gradients and huge K. ``grads["node_W"]`` / ``grads["node_b"]`` are dense arrays of the
-parameters' shapes (what any optimizer expects), but each ``backward`` only clears
-the rows it wrote last time and writes the rows it touched now: no dense
+Gradients and huge K (``RowSparseHead``). ``grads["node_W"]`` / ``grads["node_b"]`` are
+dense arrays of the parameters' shapes (what any optimizer expects), but each ``backward``
+only clears the rows it wrote last time and writes the rows it touched now: no dense
 ``(K - 1, D)`` pass per step. ``row_grads`` holds the same gradient sparsely as
 ``{name: (rows (U,), values (U, ...))}``, and ``sparse_sgd_step(lr)`` updates only those
 rows; with a million classes use that (a dense optimizer would sweep the whole table).
+With ``class_weights`` every sample's path gradient is scaled by ``w[y_i] / sum_j w[y_j]``
+instead of ``1 / N``. Label smoothing is not supported (it needs every class's log-prob).
 
 ``log_prob`` is exact over all leaves: every node's log-softmax, then log-probs
 accumulated from the root down one level at a time. ``predict`` is the exact argmax
 of it (default); ``predict(h, method="greedy")`` follows the best child from the
 root, which costs O(depth) but is only an approximation: a likely subtree can hold
 no single likely class (greedy != exact; see the tests).
+
+Exact decoding in sub-linear time: ``predict(h, method="search")`` and ``topk(h, k)``.
+A node's log-probability is the sum of the edge log-probs above it, and every edge
+log-prob is <= 0, so log-probabilities only fall on the way down: a node bounds every
+class in its subtree. Best-first search keeps a priority queue of open nodes ordered by
+log-probability and always expands the best one; the first *leaf* popped is therefore
+at least as probable as everything still in the queue, i.e. the exact argmax, and the
+j-th leaf popped is the exact j-th best. A confident model expands ~depth nodes per
+sample (O(D depth) instead of O(D K)); an untrained, flat model may expand many more
+(``last_search_expansions`` reports the count per sample).
+
+Ties are broken like ``np.argmax`` (smallest class index). The queue is ordered by
+``(-log p, smallest class in the subtree)``: a subtree holding a leaf that ties with the
+popped one has log-prob >= that leaf's (>= because rounding is monotone, so even in
+floating point a child is never above its parent) and, if it held a smaller class,
+a smaller second key, so it would have been popped first. The edge log-probs are
+computed with the same formula and dtype as ``log_prob``; the only difference is the
+dot products (a per-node product instead of one GEMM), which can round differently,
+so two classes whose log-probs agree to within that rounding (~1e-6 relative in
+float32, ~1e-15 in float64) may be ordered differently by the two methods. Exact ties
+(e.g. equal biases and zero weights) are reproduced exactly.
 """
+
+import heapq
 
 import numpy as np
 
-from .base import Head, linear_weight
+from .base import RowSparseHead, linear_weight
 from .trees import Tree, balanced_tree, huffman_tree, tree_from_groups
 
 #: Above this many (sample, touched row) pairs the backward scatters with np.add.at
@@ -103,7 +128,7 @@ def build_tree(n_classes, tree="balanced", *, branching=2, class_counts=None, gr
     return built
 
 
-class HierarchicalSoftmaxHead(Head):
+class HierarchicalSoftmaxHead(RowSparseHead):
     """Tree-structured softmax head (see the module docstring for the math).
 
     Parameters: ``node_W (K - 1, D)`` and ``node_b (K - 1,)``, one row per free child
@@ -117,11 +142,18 @@ class HierarchicalSoftmaxHead(Head):
         branching: children per node for ``tree="balanced"`` (default 2).
         class_counts: (K,) frequencies for ``tree="huffman"``.
         groups: (K,) group labels for ``tree="groups"``.
+        class_weights: optional (K,) weights (torch's weighted mean of the per-sample NLL).
+        label_smoothing: must be 0 (ValueError otherwise; see the module docstring).
+
+    Attributes:
+        last_search_expansions: (N,) int64, internal nodes expanded per sample by the
+            last ``predict(h, method="search")`` / ``topk`` (None before the first).
     """
 
     def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, tree="balanced",
-                 branching=2, class_counts=None, groups=None):
-        super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
+                 branching=2, class_counts=None, groups=None, class_weights=None, label_smoothing=0.0):
+        super().__init__(in_features, n_classes, rng=rng, dtype=dtype, class_weights=class_weights,
+                         label_smoothing=label_smoothing)
         self.tree = build_tree(self.n_classes, tree, branching=branching,
                                class_counts=class_counts, groups=groups)
         t = self.tree
@@ -135,8 +167,8 @@ class HierarchicalSoftmaxHead(Head):
         self._add_param("node_W", linear_weight(self.rng, self.in_features,
                                                 (n_rows, self.in_features), self.dtype))
         self._add_param("node_b", np.zeros(n_rows, dtype=self.dtype))
-        self._touched_rows = np.zeros(0, dtype=np.int64)
-        self.row_grads = {}
+        self._node_min_class = None  # built on the first search (see _smallest_class_below)
+        self.last_search_expansions = None
 
     # -- training: only the targets' paths ------------------------------------------------
     def _climb(self, y):
@@ -199,12 +231,15 @@ class HierarchicalSoftmaxHead(Head):
         n_free = self.tree.arity[step_node] - 1
         chosen = np.flatnonzero(step_position < n_free)
         chosen_entry = step_first[chosen] + step_position[chosen]
-        loss = (np.sum(log_normaliser, dtype=np.float64)
-                - np.sum(scores[chosen_entry], dtype=np.float64)) / n_samples
-        # d loss / d score = (p(child) - [child is the target]) / N for every score.
+        # Sample i's NLL is sum over its steps of (log normaliser - chosen score); the batch
+        # loss weighs it by a_i = 1/N (or w[y_i] / sum_j w[y_j] with class weights).
+        sample_weight = self._sample_weights(y)
+        loss = (np.dot(sample_weight[step_sample], log_normaliser)
+                - np.dot(sample_weight[step_sample[chosen]], scores[chosen_entry]))
+        # d loss / d score = a_i (p(child) - [child is the target]) for every score.
         dscores = np.exp(scores - log_normaliser[step_of])
         dscores[chosen_entry] -= 1
-        dscores /= n_samples
+        dscores *= sample_weight[choice_sample].astype(self.dtype)
         self._cache = (h, choice_sample, rows, inverse, dscores, weight_rows)
         return float(loss)
 
@@ -230,25 +265,8 @@ class HierarchicalSoftmaxHead(Head):
             dweight_rows = np.zeros_like(weight_rows)
             np.add.at(dweight_rows, inverse, dscores[:, None] * h[choice_sample])
             dbias_rows = np.bincount(inverse, weights=dscores, minlength=n_rows).astype(self.dtype)
-        grad_W, grad_b = self.grads["node_W"], self.grads["node_b"]
-        grad_W[self._touched_rows] = 0  # only the rows the previous step wrote are non-zero
-        grad_b[self._touched_rows] = 0
-        grad_W[rows] = dweight_rows
-        grad_b[rows] = dbias_rows
-        self._touched_rows = rows
-        self.row_grads = {"node_W": (rows, dweight_rows), "node_b": (rows, dbias_rows)}
+        self._write_row_grads(rows, {"node_W": dweight_rows, "node_b": dbias_rows})
         return dh
-
-    def sparse_sgd_step(self, learning_rate):
-        """Plain SGD on the rows touched by the last ``backward`` only (for huge K).
-
-        ``node_W[rows] -= learning_rate * d node_W[rows]`` (same for ``node_b``): the cost
-        is O(touched rows x D), not O(K D).
-        """
-        if not self.row_grads:
-            raise RuntimeError("sparse_sgd_step() needs a preceding backward()")
-        for name, (rows, values) in self.row_grads.items():
-            self.params[name][rows] -= self.dtype.type(learning_rate) * values
 
     # -- evaluation: all leaves -----------------------------------------------------------
     def _edge_scores(self, h):
@@ -289,7 +307,10 @@ class HierarchicalSoftmaxHead(Head):
 
         Args:
             h: (N, D) features.
-            method: ``"exact"`` (default): ``argmax(log_prob(h))``. ``"greedy"``: descend
+            method: ``"exact"`` (default): ``argmax(log_prob(h))``, O(D K) per sample.
+                ``"search"``: the same answer by best-first search (see the module
+                docstring), typically O(D depth) per sample for a confident model; the
+                nodes expanded are in ``last_search_expansions``. ``"greedy"``: descend
                 from the root to the most probable child at every node, O(depth) per
                 sample but APPROXIMATE (it can miss the most probable class).
         """
@@ -297,9 +318,83 @@ class HierarchicalSoftmaxHead(Head):
         if method == "exact":
             return np.concatenate([np.argmax(self._log_prob_rows(h[chunk]), axis=1)
                                    for chunk in self._row_chunks(h.shape[0])])
+        if method == "search":
+            return self.topk(h, 1)[0][:, 0]
         if method == "greedy":
             return self._predict_greedy(h)
-        raise ValueError(f"method must be 'exact' or 'greedy', got {method!r}")
+        raise ValueError(f"method must be 'exact', 'search' or 'greedy', got {method!r}")
+
+    def topk(self, h, k):
+        """The exact ``k`` most probable classes of every sample, by best-first search.
+
+        Args:
+            h: (N, D) features.
+            k: 1 <= k <= K.
+
+        Returns:
+            classes: (N, k) int64, best first; ties broken by the smaller class index
+                (the order of ``np.argsort(-log_prob(h), kind="stable")[:, :k]``).
+            log_probs: (N, k) in the head's dtype, the matching ``log_prob(h)`` entries (equal up to
+                the rounding of the dot products, see the module docstring).
+
+        Sets ``last_search_expansions`` (N,) int64: internal nodes expanded per sample.
+        """
+        h = self._check_features(h)
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+        if not 1 <= k <= self.n_classes:
+            raise ValueError(f"k must lie in [1, n_classes] = [1, {self.n_classes}], got {k}")
+        min_class = self._smallest_class_below()
+        classes = np.empty((h.shape[0], k), dtype=np.int64)
+        log_probs = np.empty((h.shape[0], k), dtype=self.dtype)
+        expansions = np.empty(h.shape[0], dtype=np.int64)
+        for i in range(h.shape[0]):
+            classes[i], log_probs[i], expansions[i] = self._best_first(h[i], k, min_class)
+        self.last_search_expansions = expansions
+        return classes, log_probs
+
+    def _best_first(self, features, k, min_class):
+        """Best-first search for one sample ``features (D,)``: its k best (classes, log-probs, expansions).
+
+        Queue entries are ``(-log p, smallest class below, node)``; a leaf of class c is
+        the node ``~c`` (< 0), as in ``Tree.children``. heapq pops the smallest tuple:
+        the most probable entry, ties to the smallest class (see the module docstring).
+        """
+        t, dtype = self.tree, self.dtype.type
+        node_W, node_b = self.params["node_W"], self.params["node_b"]
+        queue = [(-0.0, 0, 0)]  # the root: log p = 0, contains class 0
+        classes, log_probs, expansions = [], [], 0
+        while len(classes) < k:
+            negative_log_prob, smallest, node = heapq.heappop(queue)
+            if node < 0:  # a leaf: nothing left in the queue can beat it
+                classes.append(~node)
+                log_probs.append(-negative_log_prob)
+                continue
+            expansions += 1
+            first, last = self.row_offsets[node], self.row_offsets[node + 1]
+            # The node's child scores, the reference child's 0 last, then log-softmax with
+            # the same max shift (the 0 included) and dtype as log_prob's edge log-probs.
+            scores = np.zeros(last - first + 1, dtype=self.dtype)
+            scores[:-1] = node_W[first:last] @ features + node_b[first:last]
+            shifted = scores - scores.max()
+            edge_log_prob = shifted - np.log(np.sum(np.exp(shifted)))
+            child_log_prob = dtype(-negative_log_prob) + edge_log_prob  # parent + edge, as log_prob
+            children = t.children[t.child_offsets[node]:t.child_offsets[node + 1]]
+            for child, value in zip(children.tolist(), child_log_prob.tolist()):
+                below = ~child if child < 0 else int(min_class[child])
+                heapq.heappush(queue, (-value, below, child))
+        return classes, log_probs, expansions
+
+    def _smallest_class_below(self):
+        """(M,) int64: the smallest class index in every internal node's subtree (cached)."""
+        if self._node_min_class is None:
+            t = self.tree
+            smallest = np.full(t.n_internal, t.n_classes, dtype=np.int64)
+            np.minimum.at(smallest, t.leaf_parent, np.arange(t.n_classes))
+            for nodes in reversed(t.levels[1:]):  # children before parents
+                np.minimum.at(smallest, t.node_parent[nodes], smallest[nodes])
+            self._node_min_class = smallest
+        return self._node_min_class
 
     def _predict_greedy(self, h):
         t = self.tree

@@ -8,6 +8,9 @@ Backward (``dz = (softmax(z) - onehot(y)) / N``, see ``softmax_cross_entropy``):
     dW = h^T dz,   db = sum_i dz_i,   dh = dz W^T
 
 Every step costs O(N D K): the baseline the hierarchical and adaptive heads beat.
+
+``class_weights`` and ``label_smoothing`` follow ``torch.nn.functional.cross_entropy``
+(see ``softmax_cross_entropy`` for the formula and its gradient).
 """
 
 import numpy as np
@@ -27,10 +30,16 @@ class SoftmaxHead(Head):
         n_classes: K.
         rng: ``numpy.random.Generator`` for initialisation.
         dtype: float32 or float64.
+        class_weights: optional (K,) weights (torch's ``weight=``: weighted mean).
+        label_smoothing: eps in [0, 1) (torch's ``label_smoothing=``).
     """
 
-    def __init__(self, in_features, n_classes, *, rng, dtype=np.float32):
-        super().__init__(in_features, n_classes, rng=rng, dtype=dtype)
+    supports_label_smoothing = True
+
+    def __init__(self, in_features, n_classes, *, rng, dtype=np.float32, class_weights=None,
+                 label_smoothing=0.0):
+        super().__init__(in_features, n_classes, rng=rng, dtype=dtype, class_weights=class_weights,
+                         label_smoothing=label_smoothing)
         self._add_param("W", linear_weight(self.rng, self.in_features,
                                            (self.in_features, self.n_classes), self.dtype))
         self._add_param("b", np.zeros(self.n_classes, dtype=self.dtype))
@@ -43,9 +52,14 @@ class SoftmaxHead(Head):
     def forward(self, h, y):
         """Mean cross-entropy of ``y (N,)`` under softmax(h W + b); caches for ``backward``."""
         h, y = self._check_batch(h, y)
-        loss, dlogits = softmax_cross_entropy(self.logits(h), y)
+        loss, dlogits = self._cross_entropy(h @ self.params["W"] + self.params["b"], y)
         self._cache = (h, dlogits)
         return loss
+
+    def _cross_entropy(self, logits, y):
+        """``softmax_cross_entropy`` with the head's class weights and label smoothing."""
+        return softmax_cross_entropy(logits, y, class_weights=self.class_weights,
+                                     label_smoothing=self.label_smoothing)
 
     def backward(self):
         """Returns ``dh (N, D)`` and writes ``grads["W"]``, ``grads["b"]`` in place."""

@@ -12,7 +12,7 @@ All functions keep the input's floating dtype (float32 stays float32).
 
 import numpy as np
 
-from .base import check_labels
+from .base import check_class_weights, check_label_smoothing, check_labels
 
 
 def _check_logits(logits, name="logits"):
@@ -67,7 +67,7 @@ def softmax(logits, axis=-1):
     return shifted
 
 
-def softmax_cross_entropy(logits, y):
+def softmax_cross_entropy(logits, y, *, class_weights=None, label_smoothing=0.0):
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
     ``loss = -(1/N) sum_i log softmax(z_i)[y_i]``. Differentiating
@@ -75,23 +75,69 @@ def softmax_cross_entropy(logits, y):
     contracted with the log's 1/p collapses to this simple form, which is why the
     gradient is computed from the probabilities once, not by chaining two Jacobians.
 
+    Options, with exactly ``torch.nn.functional.cross_entropy``'s semantics
+    (``weight=``, ``label_smoothing=``). With ``w`` the class weights (all 1 if None),
+    ``S = sum_i w[y_i]``, ``eps`` the smoothing and ``l_i = log softmax(z_i)``::
+
+        loss = (1 - eps) * sum_i w[y_i] (-l_i[y_i]) / S  +  (eps / K) * sum_i sum_k w[k] (-l_i[k]) / S
+
+    i.e. torch's weighted-mean NLL plus ``eps / K`` times the weighted "uniform
+    target" term, both divided by the same ``S`` (torch normalises the smoothing
+    term by the weights of the *labels*, not by ``sum_k w[k]``). Writing it as
+    ``loss = -sum_i T_i . l_i`` with the target matrix
+    ``T_i = ((1 - eps) w[y_i] onehot(y_i) + (eps / K) w) / S``, and using
+    ``d(-l_i[k])/dz_i = p_i - onehot(k)``, the gradient is
+
+        dz_i = (sum_k T_ik) p_i - T_i
+
+    which for ``w = 1`` is ``(p_i - ((1 - eps) onehot(y_i) + eps / K)) / N``: the
+    familiar smoothed target.
+
     Args:
         logits: (N, K) float array, z.
         y: (N,) int labels in [0, K).
+        class_weights: optional (K,) non-negative weights (see ``base.check_class_weights``).
+        label_smoothing: eps in [0, 1).
 
     Returns:
         loss: python float.
-        dlogits: (N, K) array, same dtype as logits, ``(softmax(z) - onehot(y)) / N``.
+        dlogits: (N, K) array, same dtype as logits, the gradient of ``loss``.
     """
     logits = _check_logits(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
     n_samples, n_classes = logits.shape
     y = check_labels(y, n_samples, n_classes)
+    class_weights = check_class_weights(class_weights, n_classes)
+    eps = check_label_smoothing(label_smoothing)
     rows = np.arange(n_samples)
     log_probs = log_softmax(logits)
-    loss = -float(np.mean(log_probs[rows, y], dtype=np.float64))
+    if class_weights is None and eps == 0.0:  # the plain mean: the common, fastest path
+        loss = -float(np.mean(log_probs[rows, y], dtype=np.float64))
+        dlogits = np.exp(log_probs)
+        dlogits[rows, y] -= 1
+        dlogits /= n_samples
+        return loss, dlogits
+    label_weight = np.ones(n_samples) if class_weights is None else class_weights[y]
+    total = label_weight.sum()  # S
+    if total <= 0:
+        raise ValueError(f"class_weights of this batch's labels sum to {total:g}: the weighted mean "
+                         "is 0 / 0 (every label in the batch has weight 0)")
+    nll = -log_probs[rows, y].astype(np.float64)
+    loss = (1 - eps) * np.dot(label_weight, nll) / total
+    # The smoothing target spreads eps / K of every label's weight S over the classes,
+    # class k getting w[k] of it: (eps / (K S)) * w (a scalar eps / (K S) without weights).
+    uniform = eps / (n_classes * total) * (1.0 if class_weights is None else class_weights)
+    if eps > 0:
+        # sum_i sum_k w[k] (-l_i[k]) without a float64 copy of the (N, K) matrix
+        column_sum = -np.sum(log_probs, axis=0, dtype=np.float64)
+        loss += float(np.sum(uniform * column_sum))
+    # dz_i = (sum_k T_ik) p_i - T_i, with sum_k T_ik = ((1 - eps) w[y_i] + eps sum(w) / K) / S.
+    target_weight = (1 - eps) * label_weight / total
+    row_mass = target_weight + (np.sum(uniform) if class_weights is not None else uniform * n_classes)
     dlogits = np.exp(log_probs)
-    dlogits[rows, y] -= 1
-    dlogits /= n_samples
-    return loss, dlogits
+    dlogits *= row_mass[:, None].astype(logits.dtype)
+    if eps > 0:
+        dlogits -= np.asarray(uniform, dtype=logits.dtype)
+    dlogits[rows, y] -= target_weight.astype(logits.dtype)
+    return float(loss), dlogits
