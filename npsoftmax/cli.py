@@ -17,7 +17,10 @@ import sys
 
 import numpy as np
 
-HEAD_NAMES = ("softmax", "gumbel", "hierarchical", "adaptive")
+from .heads import HEADS
+
+#: ``--softmax`` choices: the head registry's names (one list for the package and the CLI).
+HEAD_NAMES = tuple(HEADS)
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATA_ERROR = 2  # data, run-folder and checkpoint errors share the usage code: the command must change
@@ -74,6 +77,15 @@ def build_parser(description=None, *, single_run=True):
     heads.add_argument("--div-value", type=float, default=4.0, help="adaptive: cluster i projects to D // div**(i+1)")
     heads.add_argument("--tree", choices=("superclass", "balanced", "huffman"), default=None,
                        help="hierarchical: tree over the classes (default superclass on cifar100, balanced otherwise)")
+    heads.add_argument("--samples", type=int, default=None, metavar="N",
+                       help="sampled: classes drawn per batch besides the targets (default K // 5)")
+    heads.add_argument("--sampler", choices=("uniform", "log_uniform", "unigram"), default="uniform",
+                       help="sampled: candidate distribution (unigram = training class frequencies)")
+    heads.add_argument("--class-weights", default=None, metavar="balanced|FILE",
+                       help="per-class loss weights, torch's weighted mean: 'balanced' (N / (K * count_k) from "
+                            "the training labels) or a text/.npy file of K numbers")
+    heads.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                       help="softmax and gumbel: mix the target with the uniform distribution (torch semantics)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("cifar100", "digits"), default="cifar100",
@@ -161,23 +173,54 @@ def load_dataset(args):
     return dataset
 
 
-def head_options(args, dataset):
-    """Keyword options for the head chosen by ``--softmax``."""
-    from .heads import balanced_tree, huffman_tree, tree_from_groups
-
+def class_weights(args, dataset):
+    """The (K,) weights ``--class-weights`` names, or None; raises ValueError for a bad file."""
+    if args.class_weights is None:
+        return None
     n_classes = dataset.n_classes
+    if args.class_weights == "balanced":
+        counts = np.bincount(dataset.train.labels, minlength=n_classes)
+        # sklearn's "balanced": every class contributes the same total weight.
+        return len(dataset.train) / (n_classes * np.maximum(counts, 1))
+    try:
+        weights = np.load(args.class_weights) if args.class_weights.endswith(".npy") \
+            else np.loadtxt(args.class_weights, ndmin=1)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--class-weights {args.class_weights}: cannot read {n_classes} numbers ({error})") from None
+    if np.shape(weights) != (n_classes,):
+        raise ValueError(f"--class-weights {args.class_weights}: expected {n_classes} numbers (one per class), "
+                         f"got shape {np.shape(weights)}")
+    return weights
+
+
+def head_options(args, dataset):
+    """Keyword options for the head chosen by ``--softmax`` (plain values and arrays, no built objects).
+
+    The tree is passed by name and built by the head; the superclass tree is the head's
+    ``"groups"`` tree over the data set's coarse labels (the head knows no data set).
+    """
+    options = {}
+    weights = class_weights(args, dataset)
+    if weights is not None:
+        options["class_weights"] = weights
+    if args.label_smoothing:
+        options["label_smoothing"] = args.label_smoothing
     if args.softmax == "gumbel":
-        return {"tau": args.tau}
-    if args.softmax == "adaptive":
-        return {"cutoffs": list(args.cutoffs), "div_value": args.div_value}
-    if args.softmax == "hierarchical":
-        tree = args.tree
-        if tree == "superclass":
-            return {"tree": tree_from_groups(dataset.coarse_of_fine())}
-        if tree == "huffman":
-            return {"tree": huffman_tree(np.bincount(dataset.train.labels, minlength=n_classes))}
-        return {"tree": balanced_tree(n_classes)}
-    return {}
+        options["tau"] = args.tau
+    elif args.softmax == "adaptive":
+        options.update(cutoffs=list(args.cutoffs), div_value=args.div_value)
+    elif args.softmax == "sampled":
+        options.update(n_samples=args.samples, sampler=args.sampler)
+        if args.sampler == "unigram":
+            options["class_counts"] = np.bincount(dataset.train.labels, minlength=dataset.n_classes)
+    elif args.softmax == "hierarchical":
+        if args.tree == "superclass":
+            options.update(tree="groups", groups=dataset.coarse_of_fine())
+        elif args.tree == "huffman":
+            options.update(tree="huffman", class_counts=np.bincount(dataset.train.labels, minlength=dataset.n_classes))
+        else:
+            options["tree"] = "balanced"
+    return options
 
 
 def build_training(args, dataset):
@@ -242,6 +285,12 @@ def run_identity(args):
         identity.update(cutoffs=list(args.cutoffs), div_value=args.div_value)
     elif args.softmax == "hierarchical":
         identity.update(tree=args.tree)
+    elif args.softmax == "sampled":
+        identity.update(samples=args.samples, sampler=args.sampler)
+    if args.class_weights is not None:
+        identity["class_weights"] = args.class_weights
+    if args.label_smoothing:
+        identity["label_smoothing"] = args.label_smoothing
     return identity
 
 
@@ -329,11 +378,11 @@ def resolve_defaults(args):
     if args.tree is None:
         args.tree = "balanced" if digits else "superclass"
     if args.cutoffs is None:
-        args.cutoffs = list(CIFAR100_CUTOFFS) if args.dataset == "cifar100" else default_cutoffs(N_CLASSES[args.dataset])
-        # As the head does with its default: drop tail clusters whose projection would be < 1 wide.
-        while (len(args.cutoffs) > 1 and math.isfinite(args.div_value) and args.div_value > 0
-               and args.feature_dim // args.div_value ** len(args.cutoffs) < 1):
-            args.cutoffs = args.cutoffs[:-1]
+        usable = math.isfinite(args.div_value) and args.div_value > 0 and args.feature_dim >= 1
+        args.cutoffs = list(CIFAR100_CUTOFFS) if args.dataset == "cifar100" else default_cutoffs(
+            N_CLASSES[args.dataset], args.feature_dim if usable else None, args.div_value if usable else 4.0)
+    if args.samples is None:
+        args.samples = max(1, N_CLASSES[args.dataset] // 5)
     if args.val is None:
         args.val = 0 if digits else (5000 if args.subset is None else args.subset // 10)
     return args
@@ -381,6 +430,17 @@ def check_args(args):
     _finite(args.tau_min, "--tau-min", 0.0, low_inclusive=False)
     _finite(args.anneal_rate, "--anneal-rate", 0.0)
     _finite(args.div_value, "--div-value", 0.0, low_inclusive=False)
+    _finite(args.label_smoothing, "--label-smoothing", 0.0, 0.999)
+    head = getattr(args, "softmax", None)
+    if args.label_smoothing and head is not None and not HEADS[head].supports_label_smoothing:
+        raise ValueError(f"--label-smoothing: the {head} head does not support it (its loss never forms the "
+                         f"full softmax); heads that do: "
+                         f"{[name for name, cls in HEADS.items() if cls.supports_label_smoothing]}")
+    if not 1 <= args.samples <= N_CLASSES[args.dataset]:
+        raise ValueError(f"--samples must be in [1, {N_CLASSES[args.dataset]}] (the classes), got {args.samples}")
+    if args.class_weights not in (None, "balanced") and not os.path.isfile(args.class_weights):
+        raise ValueError(f"--class-weights must be 'balanced' or a file of per-class weights; "
+                         f"{args.class_weights!r} is neither")
     n_classes = N_CLASSES[args.dataset]
     from .heads.adaptive import check_cutoffs
 

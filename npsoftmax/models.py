@@ -7,7 +7,7 @@ divisible by 8 works, e.g. 8x8x1 digits)::
       -> [Conv2d 3x3 pad 1 -> BatchNorm2d -> ReLU -> MaxPool2d 2]  x 3   widths (32, 64, 128)
       -> Flatten                                  (N, 128 * (S/8)^2)
       -> Linear -> ReLU                           h (N, feature_dim=256)
-      -> head (softmax | gumbel | hierarchical | adaptive) -> loss / log-probabilities (N, K)
+      -> head (softmax | gumbel | hierarchical | adaptive | sampled) -> loss / log-probabilities (N, K)
 
 Each conv block halves the spatial size; batch norm can be switched off
 (``batch_norm=False``) for the plain variant used in benchmarks.
@@ -167,7 +167,7 @@ def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, wid
     Parameters
     ----------
     head_name : str
-        One of ``npsoftmax.heads.HEADS`` ("softmax", "gumbel", "hierarchical", "adaptive").
+        One of ``npsoftmax.heads.HEADS`` ("softmax", "gumbel", "hierarchical", "adaptive", "sampled").
     n_classes : int
         K.
     image_shape : tuple (C, H, W)

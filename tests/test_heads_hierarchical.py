@@ -48,7 +48,7 @@ def test_log_prob_matches_the_per_class_oracle(name):
 def test_cifar100_tree_groups_probability_by_superclass():
     """p(coarse group) is the root's softmax: the tree really follows the superclass labels."""
     rng = np.random.default_rng(2)
-    head = HierarchicalSoftmaxHead(4, 100, rng=rng, dtype=np.float64, tree="cifar100")
+    head = HierarchicalSoftmaxHead(4, 100, rng=rng, dtype=np.float64, tree="groups", groups=COARSE_OF_FINE)
     h = rng.standard_normal((3, 4))
     root_rows = np.arange(head.row_offsets[0], head.row_offsets[1])  # 19 rows + reference
     root_scores = np.concatenate([h @ head.params["node_W"][root_rows].T + head.params["node_b"][root_rows],
@@ -190,7 +190,9 @@ def test_tree_options():
     with pytest.raises(ValueError, match="needs groups"):
         HierarchicalSoftmaxHead(3, 10, rng=rng, tree="groups")
     with pytest.raises(ValueError, match="tree has 100 leaves"):
-        HierarchicalSoftmaxHead(3, 10, rng=rng, tree="cifar100")
+        HierarchicalSoftmaxHead(3, 10, rng=rng, tree="groups", groups=COARSE_OF_FINE)
+    with pytest.raises(ValueError, match="tree must be a Tree or one of"):
+        HierarchicalSoftmaxHead(3, 100, rng=rng, tree="cifar100")  # a head knows no data set
     with pytest.raises(ValueError, match="tree must be a Tree or one of"):
         HierarchicalSoftmaxHead(3, 10, rng=rng, tree="random")
 

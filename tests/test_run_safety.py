@@ -108,6 +108,10 @@ def test_resume_without_a_checkpoint_prints_the_note(tmp_path, capsys):
     (["--tau", "0"], "--tau must be a finite number > 0"),
     (["--resume", "--overwrite"], "exclude each other"),
     (["--dataset", "cifar100", "--subset", "50"], "every class needs one: use --subset >= 105"),
+    (["--softmax", "hierarchical", "--label-smoothing", "0.1"], "the hierarchical head does not support it"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be a finite number >= 0.0 and <= 0.999"),
+    (["--softmax", "sampled", "--samples", "0"], "--samples must be in [1, 10]"),
+    (["--class-weights", "no-such-file.txt"], "--class-weights must be 'balanced' or a file"),
 ])
 def test_impossible_options_end_in_usage_and_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -116,6 +120,23 @@ def test_impossible_options_end_in_usage_and_exit_2(argv, message, capsys, tmp_p
     err = capsys.readouterr().err
     assert "usage:" in err and message in err, err
     assert not (tmp_path / "run").exists()                    # nothing was created
+
+
+def test_class_weights_from_a_file_and_head_options_reach_the_head(tmp_path, capsys):
+    weights = tmp_path / "w.txt"
+    weights.write_text(" ".join(str(k + 1) for k in range(10)))
+    assert train(tmp_path / "ok", "--softmax", "gumbel", "--class-weights", str(weights),
+                 "--label-smoothing", "0.1") == 0
+    from npsoftmax.weights import load_weights
+
+    model, info = load_weights(tmp_path / "ok" / "weights.npz")
+    np.testing.assert_array_equal(model.head.class_weights, np.arange(1, 11))
+    assert model.head.label_smoothing == 0.1 and info["identity"]["class_weights"] == str(weights)
+    weights.write_text("1 2 3")
+    capsys.readouterr()
+    assert train(tmp_path / "bad", "--class-weights", str(weights)) == 2
+    assert "expected 10 numbers (one per class), got shape (3,)" in capsys.readouterr().err
+    assert train(tmp_path / "sampled", "--softmax", "sampled", "--samples", "3", "--sampler", "unigram") == 0
 
 
 def test_run_dir_and_data_dir_are_checked_before_any_work(tmp_path, capsys):

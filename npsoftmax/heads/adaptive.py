@@ -34,10 +34,17 @@ from .base import Head, linear_weight
 from .softmax_functions import log_softmax
 
 
-def default_cutoffs(n_classes):
-    """A generic split for frequency-sorted labels: ``[K // 5, K // 2]`` (deduplicated, in [1, K))."""
-    candidates = sorted({value for value in (n_classes // 5, n_classes // 2) if 1 <= value < n_classes})
-    return candidates or [1]
+def default_cutoffs(n_classes, in_features=None, div_value=4.0):
+    """The default split for frequency-sorted labels: ``[K // 5, K // 2]`` (deduplicated, in [1, K)).
+
+    With ``in_features`` (D) given, tail clusters whose projection ``D // div_value**(i+1)``
+    would be 0 wide are dropped (narrow features keep fewer clusters). The head and the
+    command line both use this one rule.
+    """
+    cutoffs = sorted({value for value in (n_classes // 5, n_classes // 2) if 1 <= value < n_classes}) or [1]
+    while in_features is not None and len(cutoffs) > 1 and in_features // div_value ** len(cutoffs) < 1:
+        cutoffs = cutoffs[:-1]
+    return cutoffs
 
 
 def check_cutoffs(cutoffs, n_classes):
@@ -88,10 +95,7 @@ class AdaptiveSoftmaxHead(Head):
                 or not np.isfinite(div_value) or div_value <= 0:
             raise ValueError(f"div_value must be a finite number > 0, got {div_value!r}")
         if cutoffs is None:
-            cutoffs = default_cutoffs(self.n_classes)
-            # Narrow features: drop the clusters that would get a 0-wide projection.
-            while len(cutoffs) > 1 and self.in_features // div_value ** len(cutoffs) < 1:
-                cutoffs = cutoffs[:-1]
+            cutoffs = default_cutoffs(self.n_classes, self.in_features, div_value)
         cutoffs = check_cutoffs(cutoffs, self.n_classes)
         self.cutoffs = cutoffs + [self.n_classes]
         self.div_value = float(div_value)

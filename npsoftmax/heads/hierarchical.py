@@ -101,8 +101,9 @@ def build_tree(n_classes, tree="balanced", *, branching=2, class_counts=None, gr
     """Resolve a head's ``tree`` option into a ``Tree`` with ``n_classes`` leaves.
 
     ``tree`` is a ``Tree``, or one of ``"balanced"`` (uses ``branching``),
-    ``"huffman"`` (needs ``class_counts``), ``"groups"`` (needs ``groups``) or
-    ``"cifar100"`` (the CIFAR-100 20 x 5 superclass tree; needs ``n_classes == 100``).
+    ``"huffman"`` (needs ``class_counts``) or ``"groups"`` (needs ``groups``, e.g.
+    CIFAR-100's superclass of every class, ``npsoftmax.data.COARSE_OF_FINE``: a head
+    knows no data set, the caller passes the grouping).
     """
     if isinstance(tree, Tree):
         built = tree
@@ -116,12 +117,8 @@ def build_tree(n_classes, tree="balanced", *, branching=2, class_counts=None, gr
         if groups is None:
             raise ValueError("tree='groups' needs groups=(K,) group label of every class")
         built = tree_from_groups(groups)
-    elif tree == "cifar100":
-        from ..data.cifar100_classes import COARSE_OF_FINE
-        built = tree_from_groups(COARSE_OF_FINE)
     else:
-        raise ValueError("tree must be a Tree or one of 'balanced', 'huffman', 'groups', "
-                         f"'cifar100', got {tree!r}")
+        raise ValueError(f"tree must be a Tree or one of 'balanced', 'huffman', 'groups', got {tree!r}")
     if built.n_classes != n_classes:
         raise ValueError(f"tree has {built.n_classes} leaves but the head has "
                          f"n_classes={n_classes}")
@@ -138,7 +135,7 @@ class HierarchicalSoftmaxHead(RowSparseHead):
     Args:
         in_features: D.  n_classes: K.  rng: Generator.  dtype: float32 or float64.
         tree: a ``Tree`` with K leaves, or ``"balanced"`` (default), ``"huffman"``,
-            ``"groups"``, ``"cifar100"`` (see ``build_tree``).
+            ``"groups"`` (see ``build_tree``).
         branching: children per node for ``tree="balanced"`` (default 2).
         class_counts: (K,) frequencies for ``tree="huffman"``.
         groups: (K,) group labels for ``tree="groups"``.
