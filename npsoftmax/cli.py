@@ -522,7 +522,7 @@ def busy_machine_warning():
 
     Idle BLAS threads spin while they wait; when another process holds the other cores,
     each multi-threaded GEMM waits for a thread that is not scheduled, and steps have
-    been measured 10-30x slower (PERFORMANCE-NOTES, README "Threads").
+    been measured 10-30x slower (README, "Threads").
     """
     cores = os.cpu_count() or 1
     try:

@@ -18,13 +18,15 @@ Contract shared by every pair:
 """
 
 import numbers
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import im2col as kernels
 from .im2col import col2im, conv_output_size, im2col
-from .profiler import section
-from .validation import check_int
+from .sections import section
+from .validation import (check_array, check_bool, check_buffer, check_int, check_ndim, check_same_dtype,
+                         check_shape, check_upstream)
 
 __all__ = [
     "affine_forward",
@@ -49,59 +51,65 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------
+# Caches: what each forward pass keeps for its backward pass (named, not positional)
+# ----------------------------------------------------------------------------
+class AffineCache(NamedTuple):
+    x: np.ndarray            # (N, d_1, ..., d_k) input
+    w: np.ndarray            # (D_in, D_out)
+    has_bias: bool
+
+
+class ConvCache(NamedTuple):
+    """Training keeps ``cols`` (the im2col columns of the batch, ``x`` None); inference-mode
+    forwards (``keep_cols=False``) keep ``x`` instead (``cols`` None) and a backward recomputes
+    the columns from it. Exactly one of the two is set."""
+    x_shape: tuple           # (N, C, H, W)
+    cols: Optional[np.ndarray]   # (C*KH*KW, N*OH*OW) or None
+    w: np.ndarray            # (F, C, KH, KW)
+    stride: int
+    pad: int
+    has_bias: bool
+    x: Optional[np.ndarray]  # (N, C, H, W) or None
+
+
+class MaxPoolCache(NamedTuple):
+    path: str                # "reshape" (windows tile the input) or "im2col" (general windows)
+    x_shape: tuple           # (N, C, H, W)
+    dtype: np.dtype
+    size: int
+    stride: int
+    argmax: np.ndarray       # position of each window's max
+
+
+class BatchNormCache(NamedTuple):
+    xhat: np.ndarray         # (N, D) normalised input
+    gamma: np.ndarray        # (D,)
+    inv_std: np.ndarray      # (D,) 1 / sqrt(var + eps)
+    training: bool
+
+
+class SpatialBatchNormCache(NamedTuple):
+    x: np.ndarray            # (N, C, H, W); xhat is recomputed from it
+    mean: np.ndarray         # (C,) the statistics used (a copy: in eval they are live buffers)
+    inv_std: np.ndarray      # (C,)
+    gamma: np.ndarray        # (C,)
+    training: bool
+
+
+class DropoutCache(NamedTuple):
+    shape: tuple
+    dtype: np.dtype
+    mask: Optional[np.ndarray]   # keep / (1 - p), or None (eval mode or p = 0: identity)
+
+
+class FlattenCache(NamedTuple):
+    shape: tuple             # the input's shape, restored by the backward pass
+    dtype: np.dtype
+
+
+# ----------------------------------------------------------------------------
 # Argument checks (every message names the argument and what it received)
 # ----------------------------------------------------------------------------
-def _require_array(name, value):
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
-
-
-def _require_ndim(name, array, ndim, layout):
-    _require_array(name, array)
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {array.shape}")
-
-
-def _require_same_dtype(name, array, reference_name, reference):
-    if array.dtype != reference.dtype:
-        raise TypeError(
-            f"{name} must have the dtype of {reference_name} ({reference.dtype}), "
-            f"got {array.dtype} ({name} shape {array.shape}, {reference_name} shape {reference.shape})"
-        )
-
-
-def _require_shape(name, array, expected):
-    _require_array(name, array)
-    if array.shape != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}, got {array.shape}")
-
-
-def _check_upstream(dout, shape, dtype):
-    """``dout`` must look exactly like the forward output it is the gradient of."""
-    _require_array("dout", dout)
-    if dout.shape != tuple(shape):
-        raise ValueError(f"dout must have the forward output's shape {tuple(shape)}, got {dout.shape}")
-    if dout.dtype != dtype:
-        raise TypeError(f"dout must have the forward output's dtype {np.dtype(dtype)}, got {dout.dtype}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-
-
-def _check_buffer(name, buffer, shape, dtype):
-    """An optional output buffer must be a C-contiguous ndarray of exactly this shape and dtype."""
-    if buffer is None:
-        return
-    _require_array(name, buffer)
-    if buffer.shape != tuple(shape) or buffer.dtype != dtype or not buffer.flags.c_contiguous:
-        raise ValueError(
-            f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}, got "
-            f"{'C-contiguous' if buffer.flags.c_contiguous else 'non-contiguous'} {buffer.dtype} {buffer.shape}"
-        )
-
-
 def _check_kernel_fits(x_shape, kernel_height, kernel_width, pad, kernel_source):
     padded = (x_shape[2] + 2 * pad, x_shape[3] + 2 * pad)
     if kernel_height > padded[0] or kernel_width > padded[1]:
@@ -126,13 +134,13 @@ def affine_forward(x, w, b):
     Returns
     -------
     out : ndarray (N, D_out)
-    cache : (x, w, has_bias)
+    cache : AffineCache (x, w, has_bias)
     """
-    _require_array("x", x)
-    _require_ndim("w", w, 2, "(D_in, D_out)")
+    check_array("x", x)
+    check_ndim("w", w, 2, "(D_in, D_out)")
     if x.ndim < 2:
         raise ValueError(f"x must be at least 2-D (N, D_in), got shape {x.shape}")
-    _require_same_dtype("x", x, "w", w)
+    check_same_dtype("x", x, "w", w)
     in_features = int(np.prod(x.shape[1:]))
     if in_features != w.shape[0]:
         raise ValueError(
@@ -141,10 +149,10 @@ def affine_forward(x, w, b):
         )
     out = x.reshape(x.shape[0], in_features) @ w
     if b is not None:
-        _require_shape("b", b, (w.shape[1],))
-        _require_same_dtype("b", b, "w", w)
+        check_shape("b", b, (w.shape[1],))
+        check_same_dtype("b", b, "w", w)
         out += b
-    return out, (x, w, b is not None)
+    return out, AffineCache(x, w, b is not None)
 
 
 def affine_backward(dout, cache):
@@ -161,7 +169,7 @@ def affine_backward(dout, cache):
     db : ndarray (D_out,), or None when the forward pass had no bias
     """
     x, w, has_bias = cache
-    _check_upstream(dout, (x.shape[0], w.shape[1]), w.dtype)
+    check_upstream(dout, (x.shape[0], w.shape[1]), w.dtype)
     x_rows = x.reshape(x.shape[0], w.shape[0])
     # out_nk = sum_i x_ni w_ik + b_k  =>  dx = dout w^T, dw = x^T dout, db = sum_n dout
     dx = (dout @ w.T).reshape(x.shape)
@@ -178,7 +186,7 @@ def relu_forward(x):
 
     Returns ``(out, cache)`` with ``out`` of the shape and dtype of ``x``.
     """
-    _require_array("x", x)
+    check_array("x", x)
     return np.maximum(x, 0), x
 
 
@@ -188,7 +196,7 @@ def relu_backward(dout, cache):
     The derivative at exactly 0 is taken as 0 (the PyTorch convention).
     """
     x = cache
-    _check_upstream(dout, x.shape, x.dtype)
+    check_upstream(dout, x.shape, x.dtype)
     # One pass over dout and x (compiled), instead of a boolean temporary and a select.
     return kernels.relu_backward(dout, x)
 
@@ -236,17 +244,16 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
         (likewise OW). When the stride does not tile the padded input the last
         partial window is dropped (floor division, as PyTorch does), so the
         last rows/columns of ``x`` may receive no gradient.
-    cache : (x_shape, cols, w, stride, pad, has_bias, x), with ``cols`` None and
-        ``x`` the input when ``keep_cols`` is False (``x`` None otherwise)
+    cache : ConvCache (``cols`` kept when ``keep_cols``, else ``x``)
     """
-    _require_ndim("x", x, 4, "(N, C, H, W)")
-    _require_ndim("w", w, 4, "(F, C, KH, KW)")
+    check_ndim("x", x, 4, "(N, C, H, W)")
+    check_ndim("w", w, 4, "(F, C, KH, KW)")
     if x.shape[1] != w.shape[1]:
         raise ValueError(
             f"channel mismatch: x has C = {x.shape[1]} channels (x shape {x.shape}) but w "
             f"expects C = {w.shape[1]} (w shape {w.shape})"
         )
-    _require_same_dtype("x", x, "w", w)
+    check_same_dtype("x", x, "w", w)
     stride = check_int(stride, "stride", 1)
     pad = check_int(pad, "pad", 0)
     F, _, KH, KW = w.shape
@@ -256,10 +263,10 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
     OW = conv_output_size(x.shape[3], KW, stride, pad)
     P = OH * OW  # output pixels per image = columns per image
     if b is not None:
-        _require_shape("b", b, (F,))
-        _require_same_dtype("b", b, "w", w)
-    _check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
-    _check_bool("keep_cols", keep_cols)
+        check_shape("b", b, (F,))
+        check_same_dtype("b", b, "w", w)
+    check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
+    check_bool(keep_cols, "keep_cols")
     if cols_out is not None and not keep_cols:
         raise ValueError("cols_out is only used with keep_cols=True (the cache keeps the columns)")
     x = np.ascontiguousarray(x)
@@ -286,8 +293,8 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
         # (and add the bias on the way, instead of a separate pass over the output).
         kernels.swap_leading_axes(out_rows.reshape(F, stop - start, P), out[start:stop].reshape(stop - start, F, P), b)
     if keep_cols:
-        return out, (x.shape, cols, w, stride, pad, b is not None, None)
-    return out, (x.shape, None, w, stride, pad, b is not None, x)
+        return out, ConvCache(x.shape, cols, w, stride, pad, b is not None, None)
+    return out, ConvCache(x.shape, None, w, stride, pad, b is not None, x)
 
 
 def conv_backward(dout, cache, *, input_gradient=True):
@@ -313,8 +320,8 @@ def conv_backward(dout, cache, *, input_gradient=True):
     OH = conv_output_size(x_shape[2], KH, stride, pad)
     OW = conv_output_size(x_shape[3], KW, stride, pad)
     P = OH * OW
-    _check_upstream(dout, (N, F, OH, OW), w.dtype)
-    _check_bool("input_gradient", input_gradient)
+    check_upstream(dout, (N, F, OH, OW), w.dtype)
+    check_bool(input_gradient, "input_gradient")
     dout = np.ascontiguousarray(dout)
     w_rows = w.reshape(F, -1)
     dw_rows = np.zeros(w_rows.shape, dtype=w.dtype)
@@ -359,7 +366,7 @@ def conv_backward(dout, cache, *, input_gradient=True):
 # Max pooling
 # ----------------------------------------------------------------------------
 def _check_pool_arguments(x, size, stride):
-    _require_ndim("x", x, 4, "(N, C, H, W)")
+    check_ndim("x", x, 4, "(N, C, H, W)")
     size = check_int(size, "size", 1)
     stride = check_int(stride, "stride", 1)
     if size > x.shape[2] or size > x.shape[3]:
@@ -386,7 +393,7 @@ def max_pool_forward_reshape(x, size):
     Returns
     -------
     out : ndarray (N, C, H/size, W/size)
-    cache : for :func:`max_pool_backward`
+    cache : MaxPoolCache, for :func:`max_pool_backward`
     """
     size, _ = _check_pool_arguments(x, size, size)
     N, C, H, W = x.shape
@@ -401,7 +408,7 @@ def max_pool_forward_reshape(x, size):
     # recorded here (the first maximum in row-major window order, the element
     # PyTorch picks), so the backward pass routes gradients without searching again.
     out, argmax = kernels.max_pool_tiled_forward(x, size)
-    return out, ("reshape", x.shape, x.dtype, size, size, argmax)
+    return out, MaxPoolCache("reshape", x.shape, x.dtype, size, size, argmax)
 
 
 def max_pool_forward_im2col(x, size=2, stride=2):
@@ -421,7 +428,7 @@ def max_pool_forward_im2col(x, size=2, stride=2):
     Returns
     -------
     out : ndarray (N, C, OH, OW), ``OH = (H - size) // stride + 1`` (likewise OW)
-    cache : for :func:`max_pool_backward`
+    cache : MaxPoolCache, for :func:`max_pool_backward`
     """
     size, stride = _check_pool_arguments(x, size, stride)
     N, C, H, W = x.shape
@@ -430,7 +437,7 @@ def max_pool_forward_im2col(x, size=2, stride=2):
     cols = im2col(np.ascontiguousarray(x).reshape(N * C, 1, H, W), size, size, stride, 0)
     argmax = cols.argmax(axis=0)  # row i*size + j of the window: same order as the reshape path
     out = cols[argmax, np.arange(cols.shape[1])].reshape(N, C, OH, OW)
-    return out, ("im2col", x.shape, x.dtype, size, stride, argmax)
+    return out, MaxPoolCache("im2col", x.shape, x.dtype, size, stride, argmax)
 
 
 def max_pool_forward(x, size=2, stride=2):
@@ -449,7 +456,7 @@ def max_pool_forward(x, size=2, stride=2):
     Returns
     -------
     out : ndarray (N, C, OH, OW), ``OH = (H - size) // stride + 1`` (likewise OW)
-    cache : for :func:`max_pool_backward`
+    cache : MaxPoolCache, for :func:`max_pool_backward`
     """
     size, stride = _check_pool_arguments(x, size, stride)
     if size == stride and x.shape[2] % size == 0 and x.shape[3] % size == 0:
@@ -476,7 +483,7 @@ def max_pool_backward(dout, cache):
     N, C, H, W = x_shape
     OH = conv_output_size(H, size, stride, 0)
     OW = conv_output_size(W, size, stride, 0)
-    _check_upstream(dout, (N, C, OH, OW), dtype)
+    check_upstream(dout, (N, C, OH, OW), dtype)
     if path == "reshape":
         # Windows tile the input: every pixel belongs to one window, so one write per pixel.
         return kernels.max_pool_tiled_backward(dout, argmax, size)
@@ -497,10 +504,10 @@ def _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, moment
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        _require_array(name, array)
+        check_array(name, array)
         if array.shape != (D,):
             raise ValueError(f"{name} must have shape ({D},) to match x shape {x.shape}, got {array.shape}")
-        _require_same_dtype(name, array, "x", x)
+        check_same_dtype(name, array, "x", x)
     if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if not isinstance(eps, numbers.Real) or not eps > 0.0:
@@ -537,9 +544,9 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, training=True, 
     Returns
     -------
     out : ndarray (N, D)
-    cache : for :func:`batchnorm_backward`
+    cache : BatchNormCache, for :func:`batchnorm_backward`
     """
-    _require_ndim("x", x, 2, "(N, D)")
+    check_ndim("x", x, 2, "(N, D)")
     momentum, eps = _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
     N = x.shape[0]
     if training:
@@ -558,7 +565,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, training=True, 
     inv_std = 1.0 / np.sqrt(var + eps)
     xhat = (x - mean) * inv_std
     out = gamma * xhat + beta
-    return out, (xhat, gamma, inv_std, bool(training))
+    return out, BatchNormCache(xhat, gamma, inv_std, bool(training))
 
 
 def batchnorm_backward(dout, cache):
@@ -574,7 +581,7 @@ def batchnorm_backward(dout, cache):
     dgamma, dbeta : ndarray (D,)
     """
     xhat, gamma, inv_std, training = cache
-    _check_upstream(dout, xhat.shape, xhat.dtype)
+    check_upstream(dout, xhat.shape, xhat.dtype)
     N = xhat.shape[0]
     dbeta = dout.sum(axis=0)
     dgamma = (dout * xhat).sum(axis=0)
@@ -610,9 +617,9 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
     Returns
     -------
     out : ndarray (N, C, H, W)
-    cache : for :func:`spatial_batchnorm_backward`
+    cache : SpatialBatchNormCache, for :func:`spatial_batchnorm_backward`
     """
-    _require_ndim("x", x, 4, "(N, C, H, W)")
+    check_ndim("x", x, 4, "(N, C, H, W)")
     momentum, eps = _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
     N, C, H, W = x.shape
     count = N * H * W
@@ -636,7 +643,7 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
     # The cache keeps x (as affine and relu do) and the statistics: backward recomputes
     # xhat = (x - mean) * inv_std on the fly instead of this pass writing it out. The
     # statistics are copied because in eval mode they are the live running buffers.
-    return out, (x, mean.copy(), inv_std, gamma, bool(training))
+    return out, SpatialBatchNormCache(x, mean.copy(), inv_std, gamma, bool(training))
 
 
 def spatial_batchnorm_backward(dout, cache):
@@ -652,7 +659,7 @@ def spatial_batchnorm_backward(dout, cache):
     dgamma, dbeta : ndarray (C,)
     """
     x, mean, inv_std, gamma, training = cache
-    _check_upstream(dout, x.shape, x.dtype)
+    check_upstream(dout, x.shape, x.dtype)
     # batchnorm_backward's compact formula, per channel over (N, H, W).
     return kernels.batchnorm_backward(dout, x, mean, inv_std, gamma, training)
 
@@ -685,25 +692,25 @@ def dropout_forward(x, p, training, rng):
     Returns
     -------
     out : ndarray, shape and dtype of ``x``
-    cache : the mask ``keep / (1 - p)`` in the dtype of ``x`` (None in eval)
+    cache : DropoutCache; its mask is ``keep / (1 - p)`` in the dtype of ``x`` (None in eval)
     """
-    _require_array("x", x)
+    check_array("x", x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
     p = _check_dropout_probability(p)
     if not training or p == 0.0:
-        return x.copy(), (x.shape, x.dtype, None)
+        return x.copy(), DropoutCache(x.shape, x.dtype, None)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     keep = rng.random(x.shape) >= p  # float64 draws: the same seed gives the same mask in any dtype
     mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
-    return x * mask, (x.shape, x.dtype, mask)
+    return x * mask, DropoutCache(x.shape, x.dtype, mask)
 
 
 def dropout_backward(dout, cache):
     """Backward pass of :func:`dropout_forward`: ``dx = dout * mask`` (shape of ``x``)."""
     shape, dtype, mask = cache
-    _check_upstream(dout, shape, dtype)
+    check_upstream(dout, shape, dtype)
     return dout.copy() if mask is None else dout * mask
 
 
@@ -715,14 +722,14 @@ def flatten_forward(x):
 
     Returns ``(out, cache)``; ``out`` is a view of ``x`` when ``x`` is contiguous.
     """
-    _require_array("x", x)
+    check_array("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must be at least 2-D (N, ...), got shape {x.shape}")
-    return x.reshape(x.shape[0], -1), (x.shape, x.dtype)
+    return x.reshape(x.shape[0], -1), FlattenCache(x.shape, x.dtype)
 
 
 def flatten_backward(dout, cache):
     """Backward pass of :func:`flatten_forward`: reshape ``dout`` (N, D) back to ``x``'s shape."""
     shape, dtype = cache
-    _check_upstream(dout, (shape[0], int(np.prod(shape[1:]))), dtype)
+    check_upstream(dout, (shape[0], int(np.prod(shape[1:]))), dtype)
     return dout.reshape(shape)

@@ -31,7 +31,7 @@ entry. Two cheaper oracles, both still float64 central differences:
 
 import numpy as np
 
-#: Relative-error threshold for layer gradient checks in float64 (issue contract).
+#: Relative-error threshold for layer gradient checks in float64.
 LAYER_TOLERANCE = 1e-7
 #: Relative-error threshold for head gradient checks in float64.
 HEAD_TOLERANCE = 1e-6

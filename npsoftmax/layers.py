@@ -26,7 +26,7 @@ import numbers
 import numpy as np
 
 from . import functional as F
-from .validation import check_dtype, check_generator, check_int
+from .validation import check_bool, check_dtype, check_generator, check_int
 
 __all__ = [
     "Module",
@@ -147,7 +147,7 @@ class Conv2d(Module):
         if bias:
             params["b"] = np.zeros(out_channels, dtype=dtype)
         super().__init__(params)
-        F._check_bool("input_gradient", input_gradient)
+        check_bool(input_gradient, "input_gradient")
         self.input_gradient = bool(input_gradient)
         self._buffers = {}  # reusable scratch arrays: "cols", the im2col output kept for backward
 

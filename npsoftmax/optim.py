@@ -1,6 +1,6 @@
 """Optimizers (SGD, Adam) over the ``params``/``grads`` protocol, and step-indexed schedules.
 
-The parameter protocol (DESIGN.md): a module exposes ``params``, a dict name -> live
+The parameter protocol (see npsoftmax.layers.Module): a module exposes ``params``, a dict name -> live
 ndarray, and ``grads``, a dict with the same keys filled by ``backward``. Optimizers
 keep references to the ``params`` arrays and update them IN PLACE, so the layer
 sees every step; ``grads`` may be fresh arrays after each backward, so they are
@@ -12,7 +12,7 @@ float32 parameter stays float32: hyperparameters are python floats, which NumPy
 casts to the array's dtype, and every update is written with in-place operators.
 
 Schedules are pure functions of the step index, ``schedule(step) -> float``, so a
-resumed run only needs the step counter. ``Scheduler`` (or ``apply_schedules``)
+resumed run only needs the step counter. ``Scheduler``
 writes the learning rate into ``optimizer.lr`` and the Gumbel temperature into
 ``head.tau`` at a given step: one hook for both annealings.
 
@@ -29,42 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-
-# ----------------------------------------------------------------------------------
-# Validation helpers
-# ----------------------------------------------------------------------------------
-
-def _finite_number(value, name, minimum=None, minimum_inclusive=True, maximum=None,
-                   maximum_inclusive=True):
-    """Return ``value`` as a python float after checking it is real, finite and in range.
-
-    Python floats (not NumPy float64 scalars) keep float32 arithmetic in float32 under
-    NumPy's promotion rules, which is why every hyperparameter goes through here.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got bool {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number!r}")
-    if minimum is not None and (number < minimum or (number == minimum and not minimum_inclusive)):
-        bound = ">=" if minimum_inclusive else ">"
-        raise ValueError(f"{name} must be {bound} {minimum}, got {number!r}")
-    if maximum is not None and (number > maximum or (number == maximum and not maximum_inclusive)):
-        bound = "<=" if maximum_inclusive else "<"
-        raise ValueError(f"{name} must be {bound} {maximum}, got {number!r}")
-    return number
-
-
-def _non_negative_int(value, name, minimum=0):
-    """Return ``value`` as a python int after checking it is an integer >= ``minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+from .validation import check_int, check_real
 
 
 def _scalar_from_state(state, key):
@@ -117,7 +82,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _finite_number(value, "lr", minimum=0.0)
+        self._lr = check_real(value, "lr", minimum=0.0)
 
     def _check_grads(self, grads):
         """Check ``grads`` has exactly the params' keys, shapes and dtypes."""
@@ -188,7 +153,7 @@ class Optimizer:
                 f"{type(self).__name__}")
         scalar_keys = {"optimizer", "step", *self._hyperparameters()}
         hyperparameters = {key: _scalar_from_state(state, key) for key in self._hyperparameters()}
-        step_count = _non_negative_int(_scalar_from_state(state, "step"), "state['step']")
+        step_count = check_int(_scalar_from_state(state, "step"), "state['step']", minimum=0)
 
         buffers = {kind: {} for kind in self._buffer_kinds}
         for key in state:
@@ -258,8 +223,8 @@ class SGD(Optimizer):
         self._configure(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def _configure(self, lr, momentum, nesterov, weight_decay):
-        momentum = _finite_number(momentum, "momentum", minimum=0.0)
-        weight_decay = _finite_number(weight_decay, "weight_decay", minimum=0.0)
+        momentum = check_real(momentum, "momentum", minimum=0.0)
+        weight_decay = check_real(weight_decay, "weight_decay", minimum=0.0)
         if not isinstance(nesterov, (bool, np.bool_)):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__} {nesterov!r}")
         if nesterov and momentum == 0.0:
@@ -333,10 +298,10 @@ class Adam(Optimizer):
             self.state["exp_avg_sq"][name] = np.zeros_like(param)
 
     def _configure(self, lr, beta1, beta2, eps, weight_decay):
-        beta1 = _finite_number(beta1, "betas[0]", minimum=0.0, maximum=1.0, maximum_inclusive=False)
-        beta2 = _finite_number(beta2, "betas[1]", minimum=0.0, maximum=1.0, maximum_inclusive=False)
-        eps = _finite_number(eps, "eps", minimum=0.0)
-        weight_decay = _finite_number(weight_decay, "weight_decay", minimum=0.0)
+        beta1 = check_real(beta1, "betas[0]", minimum=0.0, maximum=1.0, maximum_inclusive=False)
+        beta2 = check_real(beta2, "betas[1]", minimum=0.0, maximum=1.0, maximum_inclusive=False)
+        eps = check_real(eps, "eps", minimum=0.0)
+        weight_decay = check_real(weight_decay, "weight_decay", minimum=0.0)
         self.lr = lr
         self.beta1, self.beta2 = beta1, beta2
         self.eps = eps
@@ -396,7 +361,7 @@ class Schedule:
     """
 
     def __call__(self, step):
-        return float(self.value(_non_negative_int(step, "step")))
+        return float(self.value(check_int(step, "step", minimum=0)))
 
     def value(self, step):
         raise NotImplementedError
@@ -410,7 +375,7 @@ class ConstantSchedule(Schedule):
     """``value`` at every step."""
 
     def __init__(self, value):
-        self.constant = _finite_number(value, "value")
+        self.constant = check_real(value, "value")
 
     def value(self, step):
         return self.constant
@@ -434,13 +399,13 @@ class CosineSchedule(Schedule):
     """
 
     def __init__(self, base, total_steps, warmup_steps=0, final=0.0):
-        self.base = _finite_number(base, "base", minimum=0.0)
-        self.total_steps = _non_negative_int(total_steps, "total_steps", minimum=1)
-        self.warmup_steps = _non_negative_int(warmup_steps, "warmup_steps")
+        self.base = check_real(base, "base", minimum=0.0)
+        self.total_steps = check_int(total_steps, "total_steps", minimum=1)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
         if self.warmup_steps >= self.total_steps:
             raise ValueError(
                 f"warmup_steps must be < total_steps={self.total_steps}, got {self.warmup_steps}")
-        self.final = _finite_number(final, "final", minimum=0.0)
+        self.final = check_real(final, "final", minimum=0.0)
 
     def value(self, step):
         if step < self.warmup_steps:
@@ -465,10 +430,10 @@ class StepSchedule(Schedule):
     """
 
     def __init__(self, base, step_size, gamma=0.1, warmup_steps=0):
-        self.base = _finite_number(base, "base", minimum=0.0)
-        self.step_size = _non_negative_int(step_size, "step_size", minimum=1)
-        self.gamma = _finite_number(gamma, "gamma", minimum=0.0, minimum_inclusive=False)
-        self.warmup_steps = _non_negative_int(warmup_steps, "warmup_steps")
+        self.base = check_real(base, "base", minimum=0.0)
+        self.step_size = check_int(step_size, "step_size", minimum=1)
+        self.gamma = check_real(gamma, "gamma", minimum=0.0, minimum_inclusive=False)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
 
     def value(self, step):
         if step < self.warmup_steps:
@@ -489,11 +454,11 @@ class ExponentialTemperatureSchedule(Schedule):
     """
 
     def __init__(self, tau0, tau_min, rate):
-        self.tau0 = _finite_number(tau0, "tau0", minimum=0.0, minimum_inclusive=False)
-        self.tau_min = _finite_number(tau_min, "tau_min", minimum=0.0, minimum_inclusive=False)
+        self.tau0 = check_real(tau0, "tau0", minimum=0.0, minimum_inclusive=False)
+        self.tau_min = check_real(tau_min, "tau_min", minimum=0.0, minimum_inclusive=False)
         if self.tau_min > self.tau0:
             raise ValueError(f"tau_min must be <= tau0={self.tau0!r}, got {self.tau_min!r}")
-        self.rate = _finite_number(rate, "rate", minimum=0.0)
+        self.rate = check_real(rate, "rate", minimum=0.0)
 
     def value(self, step):
         return max(self.tau_min, self.tau0 * math.exp(-self.rate * step))
@@ -534,7 +499,7 @@ class Scheduler:
 
     def apply(self, step):
         """Set lr and/or tau for step ``step``; returns ``{'lr': ..., 'tau': ...}`` (those set)."""
-        step = _non_negative_int(step, "step")
+        step = check_int(step, "step", minimum=0)
         values = {}
         if self.lr_schedule is not None:
             values["lr"] = float(self.lr_schedule(step))
@@ -544,7 +509,3 @@ class Scheduler:
             self.head.tau = values["tau"]
         return values
 
-
-def apply_schedules(step, optimizer=None, lr_schedule=None, head=None, tau_schedule=None):
-    """One-shot ``Scheduler(optimizer, lr_schedule, head, tau_schedule).apply(step)``."""
-    return Scheduler(optimizer, lr_schedule, head, tau_schedule).apply(step)

@@ -7,8 +7,8 @@ Two levels of detail, both off (and free) unless a :class:`Profiler` is active:
   of the head, and the optimizer's ``step``, and times each call.
 * **Sections inside a layer.** The functional layers mark their expensive
   steps with ``with section("im2col"): ...`` (also ``"conv GEMM"``,
-  ``"col2im"``). ``section`` returns a shared do-nothing context when no
-  profiler is active, so the marks cost ~0.1 µs each otherwise.
+  ``"col2im"``; see :mod:`npsoftmax.sections`, the hook below the layers that
+  an attached profiler fills). Without a profiler the marks cost ~0.1 µs each.
 
 Usage (what ``benchmarks/bench_train.py --profile`` and ``train_np.py
 --profile`` do)::
@@ -32,37 +32,10 @@ import contextlib
 import time
 from collections import defaultdict
 
+from . import sections
+from .sections import section  # noqa: F401  (re-exported: profiler.section is the documented name)
+
 __all__ = ["Profiler", "profile", "section", "conv_gemm_flops"]
-
-# The one profiler currently recording sections (None: sections are free no-ops).
-_active = None
-_NULL_CONTEXT = contextlib.nullcontext()
-
-
-class _Section:
-    """Context manager that adds its wall time to ``profiler.sections[name]``."""
-
-    __slots__ = ("profiler", "name", "start")
-
-    def __init__(self, profiler, name):
-        self.profiler = profiler
-        self.name = name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.profiler._add_section(self.name, time.perf_counter() - self.start)
-        return False
-
-
-def section(name):
-    """Time the enclosed block under ``name`` if a profiler is active (else a no-op context)."""
-    if _active is None:
-        return _NULL_CONTEXT
-    return _Section(_active, name)
-
 
 def conv_gemm_flops(module, x_shape):
     """Floating-point operations of the GEMMs of one Conv2d forward + backward.
@@ -127,7 +100,7 @@ class Profiler:
         self._patched = []
 
     # -- recording ---------------------------------------------------------------
-    def _add_section(self, name, seconds):
+    def add_section(self, name, seconds):
         self.sections[name] += seconds
 
     def _wrap(self, owner, attribute, label, phase, flops_of=None, counts_step=False):
@@ -150,9 +123,7 @@ class Profiler:
 
     def attach(self, model, optimizer=None):
         """Start timing ``model`` (a Classifier: ``.body`` Sequential and ``.head``) and ``optimizer``."""
-        global _active
-        if _active is not None:
-            raise RuntimeError("another Profiler is already active; profilers do not nest")
+        sections.install(self)  # raises if another profiler is attached
         body = getattr(model, "body", model)
         for index, module in enumerate(body):
             label = f"{index}: {type(module).__name__}"
@@ -184,21 +155,18 @@ class Profiler:
             label = f"optimizer: {type(optimizer).__name__}"
             self.modules.append((label, optimizer))
             self._wrap(optimizer, "step", label, "backward", counts_step=True)
-        _active = self
         self._started = time.perf_counter()
         return self
 
     def detach(self):
         """Stop timing: restore every wrapped method."""
-        global _active
         for owner, attribute, had_instance_attribute, original in reversed(self._patched):
             if had_instance_attribute:
                 setattr(owner, attribute, original)
             else:
                 delattr(owner, attribute)
         self._patched.clear()
-        if _active is self:
-            _active = None
+        sections.uninstall(self)
         self.elapsed += time.perf_counter() - self._started
 
     def step_done(self):
@@ -257,7 +225,7 @@ class Profiler:
 
     def elapsed_seconds(self):
         """Wall time since attach (or the last reset)."""
-        running = time.perf_counter() - self._started if _active is self else 0.0
+        running = time.perf_counter() - self._started if sections.active() is self else 0.0
         return self.elapsed + running
 
     def conv_gemm_gflops(self):

@@ -196,7 +196,7 @@ def test_max_pool_forward_matches_loops(geometry, rng, dtype):
     N, C, H, W, size, stride, path = geometry
     x = random_array(rng, (N, C, H, W), dtype)
     out, cache = F.max_pool_forward(x, size, stride)
-    assert cache[0] == path
+    assert cache.path == path
     np.testing.assert_array_equal(out, naive_max_pool(x, size, stride))
 
 

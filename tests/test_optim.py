@@ -14,7 +14,6 @@ from npsoftmax.optim import (
     ExponentialTemperatureSchedule,
     Scheduler,
     StepSchedule,
-    apply_schedules,
 )
 
 
@@ -618,8 +617,8 @@ def test_scheduler_sets_lr_and_tau():
     values = scheduler.apply(5)
     assert values["lr"] == pytest.approx(0.05) and optimizer.lr == pytest.approx(0.05)
     assert head.tau == pytest.approx(math.exp(-0.5))
-    # The function form does the same for a single step.
-    apply_schedules(7, optimizer=optimizer, head=head, tau_schedule=tau_schedule)
+    # A scheduler with only a temperature schedule leaves the learning rate alone.
+    Scheduler(optimizer, None, head, tau_schedule).apply(7)
     assert head.tau == 0.5 and optimizer.lr == pytest.approx(0.05)     # lr untouched without a schedule
     assert Scheduler().apply(3) == {}
 

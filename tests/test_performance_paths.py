@@ -289,13 +289,13 @@ def test_conv_without_kept_columns_recomputes_them_in_backward(chunk_bytes, rng,
     b = rng.standard_normal(4).astype(dtype)
     kept_out, kept_cache = F.conv_forward(x, w, b, 2, 1)
     out, cache = F.conv_forward(x, w, b, 2, 1, keep_cols=False)
-    assert cache[1] is None
+    assert cache.cols is None
     np.testing.assert_array_equal(out, kept_out)
     dout = rng.standard_normal(out.shape).astype(dtype)
     for got, expected in zip(F.conv_backward(dout, cache), F.conv_backward(dout, kept_cache)):
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="cols_out is only used with keep_cols=True"):
-        F.conv_forward(x, w, b, 2, 1, cols_out=np.empty_like(kept_cache[1]), keep_cols=False)
+        F.conv_forward(x, w, b, 2, 1, cols_out=np.empty_like(kept_cache.cols), keep_cols=False)
     with pytest.raises(TypeError, match="keep_cols must be a bool, got int"):
         F.conv_forward(x, w, b, 2, 1, keep_cols=0)
     with pytest.raises(TypeError, match="input_gradient must be a bool, got NoneType"):
@@ -312,7 +312,7 @@ def test_conv_layer_in_eval_mode_keeps_no_columns(rng, dtype):
     out = layer.forward(big_x)
     np.testing.assert_allclose(out, naive_conv(big_x, layer.params["w"], layer.params["b"], 1, 1),
                                **tolerance(dtype))
-    assert layer._cache[1] is None and layer._buffers["cols"] is train_buffer  # nothing batch-sized kept
+    assert layer._cache.cols is None and layer._buffers["cols"] is train_buffer  # nothing batch-sized kept
     dout = rng.standard_normal(out.shape).astype(dtype)
     dx = layer.backward(dout)  # still possible in eval mode: the columns are recomputed
     _, expected_dx, expected_dw, _ = fresh_conv_step(layer, big_x, dout)
@@ -327,7 +327,7 @@ def test_conv_functional_cols_buffer_is_used_and_validated(rng, dtype):
     cols = np.empty((27, 2 * 5 * 4), dtype=dtype)
     out, cache = F.conv_forward(x, w, b, 1, 1, cols_out=cols)
     expected_out, expected_cache = F.conv_forward(x, w, b, 1, 1)
-    assert cache[1] is cols
+    assert cache.cols is cols
     np.testing.assert_array_equal(out, expected_out)
     dout = rng.standard_normal(out.shape).astype(dtype)
     for got, expected in zip(F.conv_backward(dout, cache), F.conv_backward(dout, expected_cache)):

@@ -16,27 +16,11 @@ keep the input dtype and never modify their input.
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..validation import check_generator, check_nchw, check_uint8_images
+
 _STATS_CHUNK = 4096  # images per chunk: bounds the intp codes to ~100 MB for CIFAR
 
 
-def _check_uint8_nhwc(images, name="images"):
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        found = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
-            else type(images).__name__
-        raise TypeError(f"{name} must be a uint8 array of shape (N, H, W, C), got {found}")
-
-
-def _check_nchw(x, name="x"):
-    if not isinstance(x, np.ndarray) or x.ndim != 4:
-        found = f"array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise ValueError(f"{name} must be an array of shape (N, C, H, W), got {found}")
-
-
-def _as_generator(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
-                        f"got {type(rng).__name__}")
-    return rng
 
 
 def channel_mean_std(images):
@@ -48,7 +32,7 @@ def channel_mean_std(images):
     var = sum_v count (v - mean)^2 / total, the two-pass formula with no cancellation,
     and the dataset is never copied to float.
     """
-    _check_uint8_nhwc(images)
+    check_uint8_images(images)
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one image, got N = 0")
     channels = images.shape[3]
@@ -74,7 +58,7 @@ def normalize(images, mean, std, dtype=np.float32):
     done in ``dtype`` as one multiply-add per channel: v * a + b with
     a = 1 / (255 std) and b = -mean / std.
     """
-    _check_uint8_nhwc(images)
+    check_uint8_images(images)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -104,8 +88,8 @@ def random_crop(x, pad=4, *, rng):
     picks window (dy_i, dx_i) of image i. ``pad = 0`` returns an unchanged copy.
     Returns (N, C, H, W), same dtype.
     """
-    _check_nchw(x)
-    rng = _as_generator(rng)
+    check_nchw(x)
+    rng = check_generator(rng)
     if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
         raise ValueError(f"pad must be a non-negative int, got {pad!r}")
     n, _, height, width = x.shape
@@ -122,8 +106,8 @@ def random_crop(x, pad=4, *, rng):
 
 def random_flip(x, *, rng, probability=0.5):
     """Mirror each image of ``x`` (N, C, H, W) left-right with ``probability``; returns a new array."""
-    _check_nchw(x)
-    rng = _as_generator(rng)
+    check_nchw(x)
+    rng = check_generator(rng)
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must lie in [0, 1], got {probability!r}")
     flip = rng.random(x.shape[0]) < probability

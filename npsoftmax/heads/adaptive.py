@@ -21,7 +21,7 @@ shortlist class ``s``, then every tail class ``k`` of cluster i has
 is <= 0), so ``s`` is the argmax and the tails need not be computed (the same
 shortcut as torch's ``predict``).
 
-Parameters (names fixed by DESIGN.md; the torch adapter copies them by transposing):
+Parameters (names fixed by the package's API contract; the torch adapter copies them by transposing):
 ``head_W (D, c_0 + n)``, ``head_b (c_0 + n,)`` only with ``head_bias=True``,
 ``tail{i}_proj (D, hsz_i)``, ``tail{i}_out (hsz_i, cluster_size_i)``; no tail biases.
 """
