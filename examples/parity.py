@@ -31,18 +31,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for train_torch, next to this file
-
-from train_torch import apply_schedules, build_torch_parser  # noqa: E402
-
-from npsoftmax.cli import build_training, check_args, load_dataset, resolve_defaults  # noqa: E402
-from npsoftmax.torch_adapter import (buffers_from_torch, params_from_torch, require_torch,  # noqa: E402
-                                     to_torch, to_torch_optimizer)
+from npsoftmax.cli import build_parser, build_training, check_args, load_dataset, resolve_defaults  # noqa: E402
+from npsoftmax.torch_adapter import buffers_from_torch, params_from_torch, require_torch  # noqa: E402
 
 
 def build_parity_parser():
     """``train_torch.py``'s parser plus ``--steps``, ``--out-dir`` and ``--tolerance``; float64 by default."""
-    parser = build_torch_parser("Train the same model in npsoftmax and PyTorch in lockstep and compare.")
+    parser = build_parser("Train the same model in npsoftmax and PyTorch in lockstep and compare.", torch=True)
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps in each framework")
     parser.add_argument("--out-dir", default=None,
                         help="where parity.png and parity.json go (default runs/parity-<dataset>-<softmax>)")
@@ -94,26 +89,21 @@ def run_parity(args):
     args.epochs = math.ceil(args.steps / math.ceil(len(dataset.train) / args.batch_size))
     args.run_dir = out_dir
     trainer = build_training(args, dataset)
-    model, optimizer = trainer.model, trainer.optimizer
-    twin = to_torch(model, device=device)
-    twin_optimizer = to_torch_optimizer(optimizer, twin)
-    model.train()
-    twin.train()
+    model = trainer.model
+    # The two backends of the one training loop, stepped side by side on the trainer's batches.
+    from npsoftmax.torch_backend import TorchBackend
+
+    numpy_side = trainer.backend.train()
+    torch_side = TorchBackend(model, trainer.optimizer, device=device).train()
+    twin = torch_side.model
     numpy_losses, torch_losses = [], []
     while trainer.step < args.steps:
         for x, y in trainer.batches():
-            apply_schedules(trainer, trainer.step, twin_optimizer, twin.head)  # numpy and torch alike
-            loss = model.forward(x, y)
-            model.backward()
-            optimizer.step(model.grads)
+            values = trainer.scheduler.apply(trainer.step)  # sets the numpy side's lr and tau
+            torch_side.apply_schedule(values)
+            numpy_losses.append(numpy_side.train_step(x, y).loss)
             noise = getattr(model.head, "last_noise", None)  # the Gumbel head's noise, shared
-            twin_optimizer.zero_grad(set_to_none=True)
-            twin_loss = twin(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                             noise=None if noise is None else torch.from_numpy(noise).to(device))
-            twin_loss.backward()
-            twin_optimizer.step()
-            numpy_losses.append(float(loss))
-            torch_losses.append(twin_loss.item())
+            torch_losses.append(torch_side.train_step(x, y, noise=noise).loss)
             trainer.step += 1
             if trainer.step == args.steps:
                 break

@@ -43,11 +43,12 @@ was trained or overwritten); 3 training diverged (the message names the last fin
 """
 
 
-def build_parser(description=None, *, single_run=True):
-    """The argument parser shared by ``train_np.py``, ``train_torch.py`` and ``compare.py``.
+def build_parser(description=None, *, single_run=True, torch=False):
+    """The argument parser shared by ``train_np.py``, ``train_torch.py``, ``parity.py`` and ``compare.py``.
 
     ``single_run=False`` (``compare.py``) leaves out the options that name one run
     (``--softmax``, ``--run-dir``, ``--profile``): the caller adds its own.
+    ``torch=True`` adds ``--device cpu|cuda`` (the torch backend).
     """
     parser = argparse.ArgumentParser(
         description=description or "Train the default CNN with one of four softmax heads (NumPy/Cython).",
@@ -121,6 +122,8 @@ def build_parser(description=None, *, single_run=True):
                           help="limit OpenBLAS and OpenMP threads (default: all cores; use 1 on a busy machine, "
                                "where idle threads spinning against other processes can slow steps 10x)")
 
+    if torch:
+        training.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch trains")
     output = parser.add_argument_group("output")
     if single_run:
         output.add_argument("--run-dir", default=None,
@@ -325,18 +328,18 @@ def write_plots(trainer, dataset):
 def profile_steps(trainer, steps):
     """Run ``steps`` training steps under :func:`npsoftmax.profiler.profile`; return its table.
 
-    Only the steps are timed (no evaluation), on the run's real batches; nothing is saved.
+    Only the steps are timed (no evaluation): the trainer's own step (its backend's
+    ``train_step``) on the run's real batches, with its schedules; nothing is saved.
     """
     from .profiler import profile
 
-    model, optimizer = trainer.model.train(), trainer.optimizer
+    backend = trainer.backend.train()
     done = 0
-    with profile(model, optimizer) as profiler:
+    with profile(trainer.model, trainer.optimizer) as profiler:
         while done < steps:
             for x, y in trainer.batches():
-                model.forward(x, y)
-                model.backward()
-                optimizer.step(model.grads)
+                backend.apply_schedule(trainer.scheduler.apply(trainer.step + done))
+                backend.train_step(x, y)
                 done += 1
                 if done == steps:
                     break
@@ -574,7 +577,7 @@ def run(args):
     except CheckpointError as error:  # includes RunMismatchError
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
-    _write_json(os.path.join(trainer.run_dir, "args.json"), vars(args))
+    write_json(os.path.join(trainer.run_dir, "args.json"), vars(args))
     try:
         history = trainer.fit()
     except TrainingDiverged as error:
@@ -601,16 +604,17 @@ def finish_run(trainer, dataset):
 
         copy_into(trainer.model.params, best.params, "params")
         copy_into(trainer.model.buffers, best.buffers, "buffers")
+        trainer.backend.sync_from_numpy()
     else:
         trainer.save_weights(weights)
     log_probs = trainer.predict_log_probs(dataset.test.images)
-    trainer.model.train()
+    trainer.backend.train()
     from .metrics import evaluation_record
 
     _, trainer.last_confusion = evaluation_record(log_probs, dataset.test.labels, trainer.coarse_of_fine)
     bins = {key: value.tolist() for key, value in reliability_bins(log_probs, dataset.test.labels).items()}
     reliability = os.path.join(trainer.run_dir, "reliability.json")
-    _write_json(reliability, bins)
+    write_json(reliability, bins)
     name = os.path.basename(os.path.normpath(trainer.run_dir))
     paths = [weights, reliability, trainer.history_path]
     paths += write_plots(trainer, dataset)
@@ -618,7 +622,8 @@ def finish_run(trainer, dataset):
     return paths
 
 
-def _write_json(path, value):
+def write_json(path, value):
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
     temporary = path + ".tmp"
     with open(temporary, "w") as stream:
         json.dump(value, stream, indent=1)

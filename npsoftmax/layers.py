@@ -38,6 +38,7 @@ __all__ = [
     "BatchNorm2d",
     "Dropout",
     "Flatten",
+    "Container",
     "Sequential",
 ]
 
@@ -333,29 +334,26 @@ class Flatten(Module):
         return F.flatten_backward(dout, self._take_cache())
 
 
-class Sequential(Module):
-    """Modules applied in order; backward runs them in reverse.
+class Container(Module):
+    """A module made of named child modules; its state is theirs, under ``"{child}.{name}"`` keys.
 
-    Shapes: whatever the chain maps; the input of module i+1 is the output of
-    module i. ``params``, ``grads`` and ``buffers`` collect the children's
-    current dicts under ``"{index}.{name}"`` keys (e.g. ``"0.w"``, ``"1.gamma"``);
-    the arrays are the children's live arrays.
+    A subclass defines :meth:`named_children` (``[(prefix, module), ...]``) and its own
+    ``forward``/``backward``; ``params``, ``grads`` and ``buffers`` are collected from the
+    children's live dicts, and ``train()``/``eval()`` reach every child. ``Sequential``
+    (prefixes "0", "1", ...) and ``models.Classifier`` ("body", "head") are the two containers.
     """
 
-    def __init__(self, *modules):
-        for index, module in enumerate(modules):
-            for attribute in ("forward", "backward", "params", "grads", "train", "eval"):
-                if not hasattr(module, attribute):
-                    raise TypeError(
-                        f"modules[{index}] ({type(module).__name__}) has no {attribute!r}: not a module"
-                    )
-        self.modules = list(modules)
+    def __init__(self):
         self.training = True
+        self._cache = None
+
+    def named_children(self):
+        raise NotImplementedError
 
     def _collect(self, attribute):
         return {
-            f"{index}.{name}": value
-            for index, module in enumerate(self.modules)
+            f"{prefix}.{name}": value
+            for prefix, module in self.named_children()
             for name, value in getattr(module, attribute, {}).items()
         }
 
@@ -372,16 +370,39 @@ class Sequential(Module):
         return self._collect("buffers")
 
     def train(self):
-        for module in self.modules:
+        for _, module in self.named_children():
             module.train()
         self.training = True
         return self
 
     def eval(self):
-        for module in self.modules:
+        for _, module in self.named_children():
             module.eval()
         self.training = False
         return self
+
+
+class Sequential(Container):
+    """Modules applied in order; backward runs them in reverse.
+
+    Shapes: whatever the chain maps; the input of module i+1 is the output of
+    module i. ``params``, ``grads`` and ``buffers`` collect the children's
+    current dicts under ``"{index}.{name}"`` keys (e.g. ``"0.w"``, ``"1.gamma"``);
+    the arrays are the children's live arrays.
+    """
+
+    def __init__(self, *modules):
+        super().__init__()
+        for index, module in enumerate(modules):
+            for attribute in ("forward", "backward", "params", "grads", "train", "eval"):
+                if not hasattr(module, attribute):
+                    raise TypeError(
+                        f"modules[{index}] ({type(module).__name__}) has no {attribute!r}: not a module"
+                    )
+        self.modules = list(modules)
+
+    def named_children(self):
+        return [(str(index), module) for index, module in enumerate(self.modules)]
 
     def forward(self, x):
         for module in self.modules:

@@ -13,12 +13,10 @@ Each conv block halves the spatial size; batch norm can be switched off
 (``batch_norm=False``) for the plain variant used in benchmarks.
 """
 
-import time
-
 import numpy as np
 
 from .heads import make_head
-from .layers import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .layers import BatchNorm2d, Container, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 
 DEFAULT_WIDTHS = (32, 64, 128)
 DEFAULT_FEATURE_DIM = 256
@@ -72,69 +70,26 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     return Sequential(*modules)
 
 
-class Classifier:
+class Classifier(Container):
     """A body (images -> features) followed by a head (features -> class log-probabilities).
 
-    Parameters are exposed under ``"body.<name>"`` and ``"head.<name>"`` in one
-    ``params`` dict of live arrays (what the optimizer updates), with matching
-    ``grads`` and ``buffers`` (batch-norm running statistics).
-
-    The classifier also times its head: ``head_seconds`` accumulates the wall time
-    spent in the head's forward and backward, which the trainer reports per epoch.
+    A :class:`~npsoftmax.layers.Container`: parameters are exposed under
+    ``"body.<name>"`` and ``"head.<name>"`` in one ``params`` dict of live arrays (what
+    the optimizer updates), with matching ``grads`` and ``buffers`` (batch-norm running
+    statistics), and ``train()``/``eval()`` reach both parts.
     """
 
     def __init__(self, body, head):
+        super().__init__()
         self.body = body
         self.head = head
-        self.head_seconds = 0.0
-        self.training = True
 
-    # -- parameter protocol ------------------------------------------------------
-    @staticmethod
-    def _prefixed(prefix, mapping):
-        return {f"{prefix}.{name}": value for name, value in mapping.items()}
+    def named_children(self):
+        return [("body", self.body), ("head", self.head)]
 
-    @property
-    def params(self):
-        """dict name -> live parameter array."""
-        return {**self._prefixed("body", self.body.params), **self._prefixed("head", self.head.params)}
-
-    @property
-    def grads(self):
-        """dict name -> gradient of the last ``backward``, same keys as ``params``."""
-        return {**self._prefixed("body", self.body.grads), **self._prefixed("head", self.head.grads)}
-
-    @property
-    def buffers(self):
-        """dict name -> live non-trainable state (e.g. batch-norm running statistics)."""
-        return {
-            **self._prefixed("body", self.body.buffers),
-            **self._prefixed("head", getattr(self.head, "buffers", {})),
-        }
-
-    def train(self):
-        self.training = True
-        self.body.train()
-        self.head.train()
-        return self
-
-    def eval(self):
-        self.training = False
-        self.body.eval()
-        self.head.eval()
-        return self
-
-    # -- computation -------------------------------------------------------------
     def forward(self, x, y):
         """x (N, C, H, W), y (N,) int -> mean negative log-likelihood (float)."""
-        return self.head_forward(self.body.forward(x), y)
-
-    def head_forward(self, features, y):
-        """features h (N, D), y (N,) -> the head's loss, timed into ``head_seconds``."""
-        start = time.perf_counter()
-        loss = self.head.forward(features, y)
-        self.head_seconds += time.perf_counter() - start
-        return loss
+        return self.head.forward(self.body.forward(x), y)
 
     def backward(self):
         """Back-propagate the last ``forward``'s loss; fills ``grads``.
@@ -142,18 +97,11 @@ class Classifier:
         Returns dx (N, C, H, W), or None when the body was built with
         ``input_gradient=False`` (the default: training does not need it).
         """
-        start = time.perf_counter()
-        dh = self.head.backward()
-        self.head_seconds += time.perf_counter() - start
-        return self.body.backward(dh)
+        return self.body.backward(self.head.backward())
 
     def log_prob(self, x):
         """x (N, C, H, W) -> exact log-probabilities (N, K)."""
-        features = self.body.forward(x)
-        start = time.perf_counter()
-        log_probs = self.head.log_prob(features)
-        self.head_seconds += time.perf_counter() - start
-        return log_probs
+        return self.head.log_prob(self.body.forward(x))
 
     def predict(self, x):
         """x (N, C, H, W) -> (N,) predicted class: the exact argmax of ``log_prob``."""

@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from .backend import NonFiniteFeatures, NumpyBackend
 from .checkpoint import (CheckpointError, copy_into, generator_state, load_checkpoint, non_finite_entries,
                          remove_stale_temporaries, restore_generator, save_checkpoint)
 from .data.transforms import augment as augment_batch
@@ -120,12 +121,15 @@ class Trainer:
         every checkpoint and compared on resume (:class:`RunMismatchError` on a difference).
     early_stop : int, optional
         Stop when validation top-1 has not improved for this many epochs (needs ``dataset.val``).
+    backend : optional, default ``NumpyBackend(model, optimizer)``
+        What computes the steps and log-probabilities (``npsoftmax.backend``); the torch
+        backend trains the model's torch twin through this same loop.
     """
 
     def __init__(self, model, optimizer, dataset, *, epochs, batch_size=128, run_dir="runs/default", seed=0,
                  augment=False, crop_pad=4, dtype=np.float32, lr_schedule=None, tau_schedule=None,
                  coarse_of_fine=None, eval_batch_size=500, progress=True, on_epoch_end=None, identity=None,
-                 early_stop=None):
+                 early_stop=None, backend=None):
         self.model = model
         self.optimizer = optimizer
         self.dataset = dataset
@@ -140,6 +144,7 @@ class Trainer:
         self.progress = progress
         self.on_epoch_end = on_epoch_end
         self.identity = identity
+        self.backend = NumpyBackend(model, optimizer) if backend is None else backend
         self.early_stop = None if early_stop is None else check_int(early_stop, "early_stop")
         if self.early_stop is not None and getattr(dataset, "val", None) is None:
             raise ValueError("early_stop needs a validation split (dataset.val); hold one out with split_validation")
@@ -207,27 +212,23 @@ class Trainer:
     # -- one epoch -----------------------------------------------------------------
     def train_epoch(self):
         """Run one pass over the shuffled training split; returns the epoch's training figures."""
-        model = self.model.train()
-        model.head_seconds = 0.0
-        total_loss, total_correct, seen = 0.0, 0, 0
+        backend = self.backend.train()
+        total_loss, total_correct, seen, head_seconds = 0.0, 0, 0, 0.0
         bar = _progress_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.epochs}", self.progress)
         start = time.perf_counter()
         for x, y in self.batches():
             values = self.scheduler.apply(self.step)
-            # predict() first: it must not disturb the cache forward() leaves for backward().
-            features = model.body.forward(x)
-            if not np.all(np.isfinite(features)):
-                raise TrainingDiverged(self._divergence_message(
-                    "the features reaching the head hold NaN or inf", values))
-            predictions = model.head.predict(features)
-            loss = model.head_forward(features, y)
-            if not np.isfinite(loss):
-                raise TrainingDiverged(self._divergence_message(f"the training loss became {loss}", values))
-            model.backward()
-            self.optimizer.step(model.grads)
+            backend.apply_schedule(values)
+            try:
+                result = backend.train_step(x, y)
+            except NonFiniteFeatures as error:
+                raise TrainingDiverged(self._divergence_message(str(error), values)) from None
+            if not np.isfinite(result.loss):
+                raise TrainingDiverged(self._divergence_message(f"the training loss became {result.loss}", values))
             self.step += 1
-            total_loss += loss * len(y)
-            total_correct += int(np.sum(predictions == y))
+            head_seconds += result.head_seconds
+            total_loss += result.loss * len(y)
+            total_correct += int(np.sum(result.predictions == y))
             seen += len(y)
             if bar is not None:
                 elapsed = time.perf_counter() - start
@@ -241,8 +242,8 @@ class Trainer:
             "train_loss": total_loss / seen,
             "train_top1": total_correct / seen,
             "epoch_seconds": seconds,
-            "head_seconds": model.head_seconds,
-            "head_ms_per_batch": 1e3 * model.head_seconds / self.steps_per_epoch,
+            "head_seconds": head_seconds,
+            "head_ms_per_batch": 1e3 * head_seconds / self.steps_per_epoch,
             "images_per_second": seen / seconds,
         }
 
@@ -272,12 +273,12 @@ class Trainer:
         split = self.dataset.test if split is None else split
         record, confusion = evaluation_record(self.predict_log_probs(split.images), split.labels,
                                               self.coarse_of_fine)
-        self.model.train()
+        self.backend.train()
         return record, confusion
 
     def predict_log_probs(self, images):
         """uint8 images (N, H, W, C) -> the model's exact log-probabilities (N, K), in eval mode."""
-        return predict_log_probs(self.model, images, self.mean, self.std, dtype=self.dtype,
+        return predict_log_probs(self.backend, images, self.mean, self.std, dtype=self.dtype,
                                  batch_size=self.eval_batch_size)
 
     # -- the loop --------------------------------------------------------------------
@@ -296,6 +297,7 @@ class Trainer:
             if hasattr(self.model.head, "tau"):
                 record["tau"] = float(self.model.head.tau)
             record.update(self.train_epoch())
+            self.backend.sync_to_numpy()
             bad = non_finite_entries({**self.model.params, **self.model.buffers})
             if bad:
                 raise TrainingDiverged(self._divergence_message(
@@ -310,7 +312,8 @@ class Trainer:
             if "val_top1" in record and self.best_epoch == self.epoch:
                 self.save_weights(self.best_path)
             self._write_history()
-            self.save(self.checkpoint_path)
+            if self.backend.supports_resume:
+                self.save(self.checkpoint_path)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, record)
         return self.history
@@ -325,6 +328,7 @@ class Trainer:
     def save_weights(self, path):
         """The current model as a weights file (``npsoftmax.weights``): rebuilds itself, with this
         run's normalisation statistics, epoch and identity."""
+        self.backend.sync_to_numpy()
         record = self.history[-1] if self.history else {}
         save_weights(path, self.model, mean=self.mean, std=self.std,
                      meta={"epoch": self.epoch, "identity": self.identity,
@@ -332,6 +336,8 @@ class Trainer:
 
     def save(self, path):
         """Checkpoint params, buffers, optimizer state, every RNG state, epoch, step and history."""
+        if not self.backend.supports_resume:
+            raise RuntimeError(f"the {self.backend.name} backend cannot be checkpointed for an exact resume")
         generators = {"trainer": self.rng, **find_generators(self.model)}
         meta = {
             "epoch": self.epoch,
@@ -346,6 +352,8 @@ class Trainer:
 
     def load(self, path):
         """Restore a checkpoint written by :meth:`save` into this trainer, in place."""
+        if not self.backend.supports_resume:
+            raise CheckpointError(f"the {self.backend.name} backend does not resume from checkpoints")
         checkpoint = load_checkpoint(path, required_meta=REQUIRED_META)
         stored_identity = checkpoint["meta"].get("identity")
         if self.identity is not None and stored_identity is not None:
@@ -367,12 +375,14 @@ class Trainer:
         if meta.get("head_tau") is not None:
             self.model.head.tau = meta["head_tau"]
         self.epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
+        self.backend.sync_from_numpy()
 
 
 def predict_log_probs(model, images, mean, std, *, dtype=np.float32, batch_size=500):
     """Exact log-probabilities (N, K) of uint8 images (N, H, W, C), normalised with ``mean``/``std`` (C,).
 
-    The model is put in eval mode (no dropout, batch-norm running statistics, no Gumbel
+    ``model`` is anything with ``eval()`` and ``log_prob(x) -> (N, K)`` (a Classifier or a
+    backend). It is put in eval mode (no dropout, batch-norm running statistics, no Gumbel
     noise). The trainer and ``examples/evaluate.py`` both call this with the same batch
     size, so a weights file re-evaluates to exactly the trainer's numbers.
     """

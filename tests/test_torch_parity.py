@@ -23,9 +23,10 @@ from npsoftmax.optim import SGD
 
 torch = pytest.importorskip("torch")
 
-from npsoftmax.torch_adapter import (TorchClassifier, TorchGumbelSoftmaxHead,  # noqa: E402
-                                     TorchHierarchicalSoftmaxHead, buffers_from_torch, copy_from_torch,
-                                     from_torch, grads_from_torch, head_loss, params_from_torch, to_torch)
+from npsoftmax.torch_adapter import (buffers_from_torch, copy_from_torch, from_torch,  # noqa: E402
+                                     grads_from_torch, head_loss, params_from_torch, to_torch)
+from npsoftmax.torch_twins import (TorchClassifier, TorchGumbelSoftmaxHead,  # noqa: E402
+                                   TorchHierarchicalSoftmaxHead)
 
 F64 = np.float64
 REPO = pathlib.Path(__file__).resolve().parents[1]
