@@ -1,0 +1,128 @@
+"""Smoke tests of the benchmark scripts at a tiny size: each mode runs and prints its table.
+
+Nothing here asserts on a time (STYLE.md: timings live in benchmarks/ and tests never
+assert on them). What is checked: the rows and the evidence lines come out, every
+worker's raw samples reach ``--out``, each side ran with its own OpenMP wait policy,
+the busy-loop processes of ``--load`` never outlive the block, and a pair of twins
+whose first-step losses differ gets no ratio.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+TINY_STEP = ["--batch", "8", "--repeats", "2", "--warmup", "1", "--rounds", "1", "--threads", "1", "--variant", "plain"]
+
+
+def load_processes():
+    spec = importlib.util.spec_from_file_location("_processes", os.path.join(BENCHMARKS, "_processes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(script, *args, expect=0):
+    """Run a benchmark script as a user would; the environment without OMP_WAIT_POLICY
+    (another test in this session may have imported npsoftmax, which sets it)."""
+    env = {name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+    completed = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == expect, completed.stdout + completed.stderr
+    return completed.stdout
+
+
+def rows(text, *words):
+    """The lines of ``text`` whose whitespace-separated fields start with ``words``, after the numeric ones."""
+    found = []
+    for line in text.splitlines():
+        fields = [field for field in line.split() if not field.replace(".", "").isdigit()]
+        if fields[:len(words)] == list(words):
+            found.append(line)
+    return found
+
+
+def raw_results(path):
+    lines = open(path).read().split("# raw output", 1)[1].splitlines()[1:]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_losses_agree_within_float32_noise_and_not_beyond():
+    processes = load_processes()
+    assert processes.losses_agree(4.6051702, 4.6051707)
+    assert not processes.losses_agree(4.6051702, 4.6102)
+    assert not processes.losses_agree(float("nan"), float("nan"))
+    assert not processes.losses_agree(float("inf"), float("inf"))
+    with pytest.raises(processes.LossMismatch, match="npsoftmax 4.6 vs torch 4.7"):
+        processes.check_losses_agree(4.6, 4.7, "bn model")
+
+
+def test_thread_env_sets_every_thread_count_and_adds_no_wait_policy():
+    processes = load_processes()
+    env = processes.thread_env(3, base={"PATH": "/bin"})
+    assert env == {"PATH": "/bin", **{name: "3" for name in processes.THREAD_VARIABLES}}
+
+
+def test_busy_load_processes_end_with_the_block_and_by_themselves():
+    processes = load_processes()
+    with processes.BusyLoad(2, max_seconds=60) as busy:
+        started = list(busy.processes)
+        assert len(started) == 2 and busy.all_alive()
+    assert all(process.poll() is not None for process in started)
+    with processes.BusyLoad(1, max_seconds=0.1) as busy:
+        deadline = time.monotonic() + 10
+        while busy.all_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not busy.all_alive()  # it stopped itself, before the block ended
+
+
+def test_bench_train_times_each_side_in_its_own_process_loaded_and_unloaded(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench_train.txt"
+    text = run_script("bench_train.py", *TINY_STEP, "--load", "1", "--out", str(out))
+    for field in ("command:", "date:", "machine:", "versions:", "load average before"):
+        assert field in text
+    assert "torch 2." in text and "numpy" in text
+    for load in ("0", "1"):
+        for impl in ("npsoftmax", "torch", "np/torch"):
+            assert [line for line in rows(text, "plain", impl) if line.split()[1] == load], (load, impl, text)
+    assert "slowdown beside 1 busy process" in text
+    assert len(rows(text, "plain")) == 6 + 1  # three rows per load, and one slowdown row
+    results = raw_results(out)
+    assert [(r["side"], r["round"]) for r in results] == [("npsoftmax", 0), ("torch", 0)] * 2
+    assert all(len(r["samples_ms"]["train"]) == 2 and r["threads"] == 1 for r in results)
+    # Each side with its own defaults: npsoftmax sets PASSIVE for itself; torch's runtime never saw it.
+    assert {r["side"]: r["omp_wait_policy"] for r in results} == {"npsoftmax": "PASSIVE", "torch": None}
+    assert not any(r["torch_imported"] for r in results if r["side"] == "npsoftmax")
+
+
+def test_bench_train_refuses_a_ratio_when_the_first_step_losses_differ():
+    pytest.importorskip("torch")
+    text = run_script("bench_train.py", *TINY_STEP, "--debug-perturb", expect=1)
+    assert "REFUSED" in text and "first-step losses differ" in text
+    assert "np/torch" not in text
+
+
+def test_bench_train_without_torch_prints_the_npsoftmax_rows_alone():
+    text = run_script("bench_train.py", *TINY_STEP, "--no-torch")
+    assert len(rows(text, "plain", "npsoftmax")) == 1
+    assert "np/torch" not in text and "npsoftmax alone" in text
+
+
+def test_bench_epoch_compare_torch_prints_seconds_and_peak_memory_of_each(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench_epoch.txt"
+    text = run_script("bench_epoch.py", "--compare-torch", "--train", "256", "--test", "100", "--batch-size", "8",
+                      "--rounds", "1", "--threads", "1", "--out", str(out))
+    assert "peak RSS MiB" in text and "machine:" in text
+    for impl in ("npsoftmax", "torch", "np/torch"):
+        assert len(rows(text, impl)) == 1, (impl, text)
+    results = raw_results(out)
+    assert [r["side"] for r in results] == ["npsoftmax", "torch"]
+    assert all(r["peak_rss_mib"] > 0 and r["epoch_seconds"] > 0 and r["train_images"] == 256 for r in results)
