@@ -109,7 +109,7 @@ def run_epoch(side, args):
     import numpy as np
 
     import npsoftmax
-    from npsoftmax.im2col import BACKEND
+    from npsoftmax.kernels import BACKEND
     from npsoftmax.timing import thread_report
 
     if side == "numpy":

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from npsoftmax import im2col as kernels
+from npsoftmax import kernels
 from npsoftmax.timing import interleaved_medians, thread_report
 
 

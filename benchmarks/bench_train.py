@@ -233,7 +233,7 @@ def worker(args):
 
     if args.worker == "numpy":
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")  # npsoftmax's own default, set on import
-    from npsoftmax.im2col import BACKEND
+    from npsoftmax.kernels import BACKEND
     from npsoftmax.timing import interleaved_samples, thread_report
 
     versions.update(numpy=np.__version__, npsoftmax=f"{npsoftmax.__version__} (im2col {BACKEND})")

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from npsoftmax.functional import conv_backward, conv_forward
 from npsoftmax.gradcheck import LAYER_TOLERANCE, check_module_gradients, gradient_errors
-from npsoftmax.im2col import BACKEND, col2im, col2im_numpy, im2col, im2col_numpy
+from npsoftmax.kernels import BACKEND, col2im, col2im_numpy, im2col, im2col_numpy
 from npsoftmax.layers import Conv2d
 
 rng = np.random.default_rng(0)
@@ -46,7 +46,7 @@ print("im2col backend:", BACKEND)   # "cython" when the extension is built, else
 # %% [markdown]
 # ## What im2col does
 #
-# The layout (see `npsoftmax/im2col.py`): for an input $x$ of shape $(N, C, H, W)$,
+# The layout (see `npsoftmax/kernels.py`): for an input $x$ of shape $(N, C, H, W)$,
 # `im2col(x, KH, KW, stride, pad)` returns `cols` of shape $(C K_H K_W,\ N O_H O_W)$:
 #
 # * **column** $(n\,O_H + o_h)\,O_W + o_w$ is the receptive field of output pixel $(o_h, o_w)$

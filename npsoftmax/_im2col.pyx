@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled kernels of a training step (see ``npsoftmax/im2col.py`` for the dispatch
+"""Compiled kernels of a training step (see ``npsoftmax/kernels.py`` for the dispatch
 and the NumPy reference of each).
 
-* im2col / col2im (the layout is explained in ``im2col.py``). Both give one
+* im2col / col2im (the layout is explained in ``kernels.py``). Both give one
   image at a time to each OpenMP thread (``prange`` over the batch): image ``n``
   owns columns ``n*OH*OW ... (n+1)*OH*OW - 1`` of ``cols`` and its own slice of
   ``x``, so threads never write the same memory and col2im needs no atomics.
@@ -13,7 +13,7 @@ and the NumPy reference of each).
 
 The loops are typed (``Py_ssize_t`` indices, fused float/double memoryviews) and
 run without the GIL; no Python object is touched inside them. Callers (the
-dispatch in ``im2col.py``) validate shapes and pass contiguous arrays.
+dispatch in ``kernels.py``) validate shapes and pass contiguous arrays.
 """
 
 import numpy as np
@@ -210,7 +210,7 @@ def col2im(floating_t[:, :] cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_s
 # shared counter as they become free, so a thread that starts late (the OS ran
 # something else on its core) does less of the work instead of a fixed half.
 # Every parallel region still ends by waiting for all its threads, which is why
-# idle threads must not spin (see OMP_WAIT_POLICY in im2col.py).
+# idle threads must not spin (see OMP_WAIT_POLICY in kernels.py).
 # ----------------------------------------------------------------------------
 cdef enum:
     CHUNK = 16384  # elements per parallel task of the elementwise loops (64 KiB of float32)

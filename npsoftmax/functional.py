@@ -22,8 +22,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import im2col as kernels
-from .im2col import col2im, conv_output_size, im2col
+from . import kernels
+from .kernels import col2im, conv_output_size, im2col
 from .sections import section
 from .validation import (check_array, check_bool, check_buffer, check_int, check_ndim, check_same_dtype,
                          check_shape, check_upstream)

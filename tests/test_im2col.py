@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from npsoftmax import im2col as kernels
+from npsoftmax import kernels
 
 GEOMETRIES = [
     # (N, C, H, W, KH, KW, stride, pad)
@@ -131,7 +131,7 @@ def test_without_the_extension_the_package_works_and_says_so_once():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import numpy as np
-            import npsoftmax, npsoftmax.functional, npsoftmax.layers, npsoftmax.im2col as kernels
+            import npsoftmax, npsoftmax.functional, npsoftmax.layers, npsoftmax.kernels as kernels
             from npsoftmax.models import build_model
             model = build_model("softmax", 10, (1, 8, 8), rng=np.random.default_rng(0), widths=(2, 3, 3),
                                 feature_dim=4)

@@ -1,7 +1,7 @@
 """The fast paths of a training step give the same numbers as the plain NumPy references.
 
 * every compiled kernel (max pool, ReLU backward, batch norm, the conv layout
-  swap) against its NumPy reference in ``npsoftmax.im2col`` and, for the
+  swap) against its NumPy reference in ``npsoftmax.kernels`` and, for the
   forward passes, against the explicit loops of ``naive_reference``;
 * a float32 training step keeps every activation, gradient, parameter and
   buffer float32 (float64 stays float64);
@@ -18,7 +18,7 @@ import pytest
 
 from naive_reference import naive_conv, naive_max_pool, naive_relu
 from npsoftmax import functional as F
-from npsoftmax import im2col as kernels
+from npsoftmax import kernels
 from npsoftmax import layers as L
 from npsoftmax.models import build_model
 from npsoftmax.optim import SGD

@@ -1,5 +1,6 @@
-"""im2col / col2im (and the other compiled loops): the one dispatch point between
-the Cython kernels and NumPy.
+"""The compiled kernels of a training step, one dispatch point between Cython and NumPy:
+im2col / col2im, max pooling with argmax, ReLU backward, batch-norm statistics and
+normalisation, the layout swap around the conv GEMM.
 
 A convolution slides a (C, KH, KW) filter over a zero-padded image. ``im2col``
 copies every receptive field into one column, so that the whole convolution
