@@ -160,7 +160,7 @@ def _check_gradients(head, n_samples, rng, max_dense_entries):
     _require(repeat == loss, "gradients",
              f"forward with the randomness held fixed must repeat the loss: {loss!r} then {repeat!r} "
              "(a stochastic objective must declare randomness_argument)")
-    dense = {name for name, array in arrays.items() if array.size <= max_dense_entries}
+    dense = [name for name, array in arrays.items() if array.size <= max_dense_entries]  # in order: stable messages
     errors = gradient_errors(loss_fn, {n: arrays[n] for n in dense}, {n: analytic[n] for n in dense})
     large = {name: arrays[name] for name in arrays if name not in dense}
     if large:
@@ -209,8 +209,10 @@ def check_head(head_or_factory, *, in_features=5, n_classes=11, seed=0, max_dens
     passed += ["forward-output", "gradients"]
 
     head = subject.fresh(3)
-    for value in head.params.values():  # a peaked distribution: argmax/normalisation non-trivial
-        value *= 3.0
+    for value in head.params.values():
+        # A peaked distribution (argmax and normalisation non-trivial), and no parameter left
+        # at its initial zero: a log_prob that forgets a zero-initialised bias must fail.
+        value[...] = 3.0 * value + 0.5 * rng.standard_normal(value.shape)
     h = rng.standard_normal((13, head.in_features)) * 2
     y = _labels(head, 13, rng)
     h_before, y_before = h.copy(), y.copy()

@@ -138,3 +138,37 @@ def test_planted_mistakes_are_caught_by_name(head_class, check, detail):
         check_head(head_class, **size)
     assert caught.value.check == check
     assert isinstance(caught.value, AssertionError)
+
+
+def test_a_log_prob_that_forgets_a_zero_initialised_bias_is_caught():
+    from npsoftmax.heads import SoftmaxHead, log_softmax
+
+    class ForgetsBias(SoftmaxHead):
+        def log_prob(self, h):
+            return log_softmax(self._check_features(h) @ self.params["W"])
+
+    with pytest.raises(HeadCheckError) as caught:
+        check_head(ForgetsBias)
+    assert caught.value.check in ("loss-is-nll", "predict-is-argmax")
+
+
+def test_the_failure_message_is_the_same_whatever_the_hash_seed():
+    """String hashing is randomised per process: a message built from a set would differ."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import npsoftmax\n"
+        "from npsoftmax.heads import SoftmaxHead\n"
+        "class DoubledGradient(SoftmaxHead):\n"
+        "    def backward(self):\n"
+        "        return 2 * super().backward()\n"
+        "try:\n"
+        "    npsoftmax.check_head(DoubledGradient)\n"
+        "except npsoftmax.HeadCheckError as error:\n"
+        "    print(error)\n"
+    )
+    messages = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(messages) == 1 and "all errors: h=" in messages.pop()
