@@ -119,8 +119,8 @@ def build_parser(description=None, *, single_run=True, torch=False):
                           help="stop when validation top-1 has not improved for PATIENCE epochs")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--threads", type=int, default=None,
-                          help="limit OpenBLAS and OpenMP threads (default: all cores; use 1 on a busy machine, "
-                               "where idle threads spinning against other processes can slow steps 10x)")
+                          help="OpenBLAS and OpenMP threads (default: the cores other processes leave free, from "
+                               "the load average; threads waiting for a busy core slow every step several-fold)")
 
     if torch:
         training.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch trains")
@@ -520,34 +520,38 @@ def _epochs_done(history_path):
         return 0
 
 
-def busy_machine_warning():
-    """A hint to use ``--threads 1`` when other processes already keep every core busy, else None.
+def default_threads():
+    """Threads for a run that did not ask (``--threads``): the cores other processes leave free.
 
-    Idle BLAS threads spin while they wait; when another process holds the other cores,
-    each multi-threaded GEMM waits for a thread that is not scheduled, and steps have
-    been measured 10-30x slower (README, "Threads").
+    Returns ``(threads, note)``. A thread pool whose threads wait at a barrier for a
+    thread the OS has not scheduled runs at the speed of its slowest core: with one
+    other busy process on 2 cores, a 2-thread step was measured 5x slower than a
+    1-thread step (OpenBLAS's idle workers spin between calls, and every OpenMP region
+    waits for the descheduled thread). So the count is ``cores - round(load)``, at least
+    1, from the 1-minute load average; ``note`` says so when that is below the core count.
     """
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not available on this platform
-        return None
-    if cores > 1 and load >= cores - 0.5:
-        return (f"note: this machine is busy (load {load:.1f} on {cores} cores); multi-threaded BLAS can "
-                f"stall next to other processes - if steps are slow, try --threads 1")
-    return None
+        return cores, None
+    threads = max(1, min(cores, cores - int(round(load))))
+    if threads < cores:
+        return threads, (f"note: this machine is busy (load {load:.1f} on {cores} cores): using {threads} "
+                         f"thread{'s' if threads > 1 else ''} (--threads N overrides)")
+    return threads, None
 
 
 def run(args):
     """Train with parsed arguments that passed :func:`check_args`; returns the exit code (see ``EPILOG``)."""
-    if args.threads is not None:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=args.threads)  # BLAS and OpenMP pools, for this process
-    else:
-        hint = busy_machine_warning()
-        if hint:
-            print(hint, file=sys.stderr)
+    threads = args.threads
+    if threads is None:
+        threads, note = default_threads()
+        if note:
+            print(note, file=sys.stderr)
+    threadpool_limits(limits=threads)  # BLAS and OpenMP pools, for this process
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .train import TrainingDiverged

@@ -194,11 +194,15 @@ def test_cli_rejects_impossible_options_with_usage(argv, message, capsys):
     assert "usage:" in err and message in err
 
 
-def test_busy_machine_hint_depends_on_load(monkeypatch):
+def test_default_threads_are_the_free_cores(monkeypatch):
     from npsoftmax import cli
 
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.9, 1.0, 1.0))
-    assert "--threads 1" in cli.busy_machine_warning()
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.1, 1.0, 1.0))
+    threads, note = cli.default_threads()
+    assert threads == 1 and "using 1 thread" in note
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.3, 1.0, 1.0))
-    assert cli.busy_machine_warning() is None
+    assert cli.default_threads() == (2, None)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (40.0, 1.0, 1.0))
+    assert cli.default_threads()[0] == 1
