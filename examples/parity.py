@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from npsoftmax.cli import build_parser, build_training, check_args, load_dataset, resolve_defaults  # noqa: E402
+from npsoftmax.cli import build_parser, build_training, load_dataset, parse_args, resolve_defaults  # noqa: E402
 from npsoftmax.torch_adapter import buffers_from_torch, params_from_torch, require_torch  # noqa: E402
 
 
@@ -128,12 +128,7 @@ def run_parity(args):
 
 
 def main(argv=None):
-    parser = build_parity_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    args = parse_args(build_parity_parser(), argv)
     result = run_parity(args)
     worst = sorted(result["weight_differences"].items(), key=lambda item: -item[1])[:3]
     print(f"{result['softmax']} head on {result['dataset']}, {result['dtype']}, {result['device']}: "

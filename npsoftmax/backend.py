@@ -34,7 +34,22 @@ class NonFiniteFeatures(FloatingPointError):
     """The body produced NaN/inf features (the trainer reports it as divergence)."""
 
 
-class NumpyBackend:
+class Backend:
+    """What both backends share: ``self.model`` (whatever computes) switched between modes."""
+
+    name = "base"
+    supports_resume = False
+
+    def train(self):
+        self.model.train()
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+
+class NumpyBackend(Backend):
     """Train and evaluate an npsoftmax ``Classifier`` with its npsoftmax optimizer.
 
     One step, for a batch ``x (B, C, H, W)``, ``y (B,)``::
@@ -70,14 +85,6 @@ class NumpyBackend:
 
     def log_prob(self, x):
         return self.model.log_prob(x)
-
-    def train(self):
-        self.model.train()
-        return self
-
-    def eval(self):
-        self.model.eval()
-        return self
 
     def apply_schedule(self, values):
         """The trainer's Scheduler already wrote ``values`` into the optimizer and head."""

@@ -350,13 +350,7 @@ def profile_steps(trainer, steps):
 
 def main(argv=None):
     """Entry point of ``examples/train_np.py``; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as error:
-        parser.error(str(error))  # usage + message, exit status 2
-    return run(args)
+    return run(parse_args(build_parser(), argv))
 
 
 N_CLASSES = {"cifar100": 100, "digits": 10}
@@ -542,8 +536,22 @@ def default_threads():
     return threads, None
 
 
-def run(args):
-    """Train with parsed arguments that passed :func:`check_args`; returns the exit code (see ``EPILOG``)."""
+def parse_args(parser, argv=None):
+    """Parse and check: the usage line + message and exit status 2 for impossible options."""
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def run(args, make_backend=None):
+    """Train with parsed arguments that passed :func:`check_args`; returns the exit code (see ``EPILOG``).
+
+    ``make_backend(trainer)``, if given, replaces the NumPy backend (``train_torch.py``
+    passes the torch one); a backend that cannot resume refuses ``--resume``.
+    """
     from threadpoolctl import threadpool_limits
 
     threads = args.threads
@@ -568,10 +576,12 @@ def run(args):
     except (DatasetError, RunFolderError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
+    if make_backend is not None:
+        trainer.backend = make_backend(trainer)
     if profiling:
         print(profile_steps(trainer, args.profile))
         return EXIT_OK
-    print(f"npsoftmax: {args.softmax} head on {args.dataset} "
+    print(f"npsoftmax ({trainer.backend.name}): {args.softmax} head on {args.dataset} "
           f"({len(dataset.train)} train / {0 if dataset.val is None else len(dataset.val)} val / "
           f"{len(dataset.test)} test images, {dataset.n_classes} classes), run dir {trainer.run_dir}")
     try:
@@ -623,6 +633,8 @@ def finish_run(trainer, dataset):
     paths = [weights, reliability, trainer.history_path]
     paths += write_plots(trainer, dataset)
     paths.append(plot_reliability({name: bins}, os.path.join(trainer.run_dir, "reliability.png")))
+    if hasattr(trainer.backend, "save_native"):
+        paths.append(trainer.backend.save_native(trainer.run_dir))
     return paths
 
 

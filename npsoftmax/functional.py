@@ -417,18 +417,7 @@ def max_pool_forward_im2col(x, size=2, stride=2):
     Every channel is treated as a one-channel image, unfolded with im2col into
     (size*size, N*C*OH*OW) columns; the max of each column is its output. A
     stride that does not tile the input drops the last partial window (floor,
-    as PyTorch does).
-
-    Parameters
-    ----------
-    x : ndarray (N, C, H, W)
-    size : int >= 1
-    stride : int >= 1
-
-    Returns
-    -------
-    out : ndarray (N, C, OH, OW), ``OH = (H - size) // stride + 1`` (likewise OW)
-    cache : MaxPoolCache, for :func:`max_pool_backward`
+    as PyTorch does). Arguments and results as :func:`max_pool_forward`.
     """
     size, stride = _check_pool_arguments(x, size, stride)
     N, C, H, W = x.shape

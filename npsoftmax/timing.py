@@ -53,18 +53,6 @@ def interleaved_samples(candidates, repeats, warmup=2):
 
 
 def interleaved_medians(candidates, repeats, warmup=2):
-    """Time each zero-argument callable ``repeats`` times, interleaved; return median seconds.
-
-    Parameters
-    ----------
-    candidates : dict name -> callable
-    repeats : int
-    warmup : int
-        Untimed calls of each candidate first (caches, page faults, thread start-up).
-
-    Returns
-    -------
-    dict name -> median seconds per call
-    """
+    """:func:`interleaved_samples` reduced to ``dict name -> median seconds per call``."""
     samples = interleaved_samples(candidates, repeats, warmup)
     return {name: float(np.median(times)) for name, times in samples.items()}

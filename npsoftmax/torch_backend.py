@@ -12,15 +12,16 @@ keeps the data order, the learning-rate and temperature schedules and the evalua
 so a torch run and a NumPy run differ only in who does the arithmetic.
 """
 
+import os
 import time
 
 import torch
 
-from .backend import NonFiniteFeatures, StepResult
+from .backend import Backend, NonFiniteFeatures, StepResult
 from .torch_adapter import copy_from_torch, copy_to_torch, head_loss, to_torch, to_torch_optimizer
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Backend protocol (see ``npsoftmax.backend``) over ``to_torch(model)`` on ``device``.
 
     One step mirrors the NumPy backend's: body forward, noise-free predictions, the head's
@@ -75,14 +76,6 @@ class TorchBackend:
         with torch.no_grad():
             return self.model.log_prob(torch.from_numpy(x).to(self.device)).cpu().numpy()
 
-    def train(self):
-        self.model.train()
-        return self
-
-    def eval(self):
-        self.model.eval()
-        return self
-
     def apply_schedule(self, values):
         """Set this step's scheduled ``lr`` (and Gumbel ``tau``) on the torch side."""
         if "lr" in values:
@@ -98,4 +91,10 @@ class TorchBackend:
     def sync_from_numpy(self):
         """Copy the npsoftmax model's parameters and buffers into the twin."""
         copy_to_torch(self.numpy_model, self.model)
+
+    def save_native(self, run_dir):
+        """The twin's ``state_dict`` as ``run_dir/model.pt``; returns the path."""
+        path = os.path.join(run_dir, "model.pt")
+        torch.save(self.model.state_dict(), path)
+        return path
 
