@@ -126,3 +126,37 @@ def test_bench_epoch_compare_torch_prints_seconds_and_peak_memory_of_each(tmp_pa
     results = raw_results(out)
     assert [r["side"] for r in results] == ["npsoftmax", "torch"]
     assert all(r["peak_rss_mib"] > 0 and r["epoch_seconds"] > 0 and r["train_images"] == 256 for r in results)
+
+
+def test_bench_heads_versus_torch_times_each_head_alone_and_refuses_twins_that_differ(tmp_path):
+    tiny = ["--versus-torch", "--threads", "1", "--classes", "2000", "--batch", "16", "--cutoffs", "40,200,1000",
+            "--repeats", "2", "--softmax-repeats", "2", "--warmup", "1", "--rounds", "1"]
+    out = tmp_path / "bench_heads.txt"
+
+    def timed(head):  # the head's own row (its ms figure follows the name), not a ratio row
+        return [line for line in rows(text, "2,000", head) if line.split()[2][0].isdigit()]
+    text = run_script("bench_heads.py", *tiny, "--save-to", str(out))
+    for field in ("command:", "date:", "machine:", "versions:", "threads, as the workers", "targets"):
+        assert field in text
+    assert "slower with more threads?" in text
+    for head in ("softmax", "hierarchical", "adaptive"):
+        assert len(timed(head)) == 1, (head, text)
+    assert len(rows(text, "2,000", "hierarchical", "speed-up")) == 1
+    numpy_results = [r for r in raw_results(out) if r["side"] == "npsoftmax"]
+    assert [r["head"] for r in numpy_results] == ["softmax", "hierarchical", "adaptive"]
+    assert all(len(r["samples_ms"]) == 2 and r["threads"] == 1 and r["batch"] == 16 for r in numpy_results)
+    assert not any(r["torch_imported"] for r in numpy_results)
+
+    pytest.importorskip("torch")
+    results = raw_results(out)
+    assert [r["head"] for r in results] == ["softmax", "hierarchical", "adaptive", "torch-adaptive", "torch-softmax"]
+    for head in ("torch-adaptive", "torch-softmax"):
+        assert len(timed(head)) == 1, (head, text)
+    assert len(rows(text, "2,000", "adaptive", "np/torch")) == 1
+    by_head = {r["head"]: r for r in results}
+    assert by_head["torch-adaptive"]["omp_wait_policy"] is None and "torch 2." in text
+    # The twins hold the same weights: the same first loss, as the script checked before any ratio.
+    assert by_head["adaptive"]["first_loss"] == pytest.approx(by_head["torch-adaptive"]["first_loss"], rel=1e-4)
+    refused = run_script("bench_heads.py", *tiny, "--heads", "adaptive,torch-adaptive", "--debug-perturb", expect=1)
+    assert "REFUSED" in refused and "first-step losses differ" in refused
+    assert "np/torch" not in refused
