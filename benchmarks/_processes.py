@@ -332,6 +332,36 @@ def default_result_path(name):
     return os.path.join(RESULTS_DIR, f"{name}-{stamp}.txt")
 
 
+def start_report(title, script, argv, requested_threads, torch_missing=None):
+    """The report header plus notes on skipped thread counts and a missing torch.
+
+    Returns ``(lines, thread_counts)``: the counts of ``requested_threads`` this machine
+    can run (at most its usable cores).
+    """
+    cores = usable_cores()
+    thread_counts = [t for t in requested_threads if t <= cores]
+    skipped = [t for t in requested_threads if t > cores]
+    lines = report_header(title, script, argv)
+    if skipped:
+        lines.append(f"note: skipped --threads {','.join(map(str, skipped))}: this machine gives this process "
+                     f"{cores} cores")
+    if torch_missing:
+        lines.append(f"npsoftmax alone: {torch_missing}")
+    return lines, thread_counts
+
+
+def publish(lines, runs, name, save=False, out=None):
+    """Print the report (``lines``) and, with ``save`` or ``out``, write it and the raw runs to a file.
+
+    ``save`` picks :func:`default_result_path` ``(name)``; ``out`` names the file itself.
+    """
+    text = "\n".join(lines)
+    print(text)
+    path = out or (default_result_path(name) if save else None)
+    if path:
+        print(f"wrote {write_report(path, text, runs)}")
+
+
 def write_report(path, text, runs):
     """Write the printed report, then every worker's raw JSON line (run order), to ``path``."""
     directory = os.path.dirname(path)

@@ -260,11 +260,7 @@ def main(argv=None):
     except processes.WorkerFailed as error:
         print(f"error: a worker failed: {error}", file=sys.stderr)
         return EXIT_WORKER_FAILED
-    text = "\n".join(lines)
-    print(text)
-    out = processes.default_result_path("bench_epoch") if args.save and not args.out else args.out
-    if out:
-        print(f"wrote {processes.write_report(out, text, runs)}")
+    processes.publish(lines, runs, "bench_epoch", save=args.save, out=args.out)
     return 0
 
 

@@ -609,17 +609,8 @@ def versus_targets(outcomes, classes, thread_counts):
 
 def run_versus(args, argv, with_torch, torch_missing):
     """The ``--versus-torch`` report: (lines, every worker's result, exit status)."""
-    cores = processes.usable_cores()
-    thread_counts = [t for t in args.threads if t <= cores]
-    skipped = [t for t in args.threads if t > cores]
-    lines = processes.report_header(
-        "bench_heads.py --versus-torch: softmax heads, npsoftmax and torch, each head alone in its own process",
-        __file__, argv)
-    if skipped:
-        lines.append(f"note: skipped --threads {','.join(map(str, skipped))}: this machine gives this process "
-                     f"{cores} cores")
-    if not with_torch:
-        lines.append(f"npsoftmax alone: {torch_missing}")
+    lines, thread_counts = processes.start_report("bench_heads.py --versus-torch: softmax heads, npsoftmax and torch, each head alone in its own process", __file__, argv, args.threads,
+                                                  None if with_torch else torch_missing)
     lines.append(f"setup: B={args.batch}, D={FEATURES}, float32, Zipf labels p(k) ~ 1/(k+1) "
                  f"({LABEL_BATCHES} label batches, cycled), forward + backward (dh and every parameter "
                  f"gradient; torch: features require grad, grads set to None every step); adaptive cutoffs "
@@ -756,11 +747,7 @@ def main(argv=None):
         except processes.WorkerFailed as error:
             print(f"error: a worker failed: {error}", file=sys.stderr)
             return EXIT_WORKER_FAILED
-        text = "\n".join(lines)
-        print(text)
-        out = processes.default_result_path("bench_heads") if args.save and not args.save_to else args.save_to
-        if out:
-            print(f"wrote {processes.write_report(out, text, runs)}")
+        processes.publish(lines, runs, "bench_heads", save=args.save, out=args.save_to)
         return status
     if args.threads is not None and len(args.threads) != 1:
         parser.error("--threads takes one count (a list only with --versus-torch)")

@@ -360,17 +360,8 @@ def slowdown_table(measurements, variants, load):
 
 
 def run_processes(args, argv, variants, with_torch, torch_missing):
-    cores = processes.usable_cores()
-    thread_counts = [t for t in args.threads if t <= cores]
-    skipped = [t for t in args.threads if t > cores]
-    lines = processes.report_header(
-        "bench_train.py: one training step of the default CIFAR CNN, each side alone in its own process",
-        __file__, argv)
-    if skipped:
-        lines.append(f"note: skipped --threads {','.join(map(str, skipped))}: this machine gives this process "
-                     f"{cores} cores")
-    if not with_torch:
-        lines.append(f"npsoftmax alone: {torch_missing}")
+    lines, thread_counts = processes.start_report("bench_train.py: one training step of the default CIFAR CNN, each side alone in its own process", __file__, argv, args.threads,
+                                                  None if with_torch else torch_missing)
     order = ", ".join(f"{variant} {side}" for variant in variants
                       for side in (("npsoftmax", "torch") if with_torch else ("npsoftmax",)))
     lines.append(f"method: batch {args.batch}, float32; per thread count {args.rounds} round(s) of fresh worker "
@@ -548,11 +539,7 @@ def main(argv=None):
     except processes.WorkerFailed as error:
         print(f"error: a worker failed: {error}", file=sys.stderr)
         return EXIT_WORKER_FAILED
-    text = "\n".join(lines)
-    print(text)
-    out = processes.default_result_path("bench_train") if args.save and not args.out else args.out
-    if out:
-        print(f"wrote {processes.write_report(out, text, runs)}")
+    processes.publish(lines, runs, "bench_train", save=args.save, out=args.out)
     return status
 
 

@@ -198,28 +198,21 @@ ADAM_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", SGD_CONFIGS)
-def test_sgd_matches_elementwise_reference(config):
-    initial, gradients = random_problem(np.random.default_rng(3), np.float64, 6)
-    params = {name: value.copy() for name, value in initial.items()}
-    optimizer = SGD(params, **config)
-    for grads in gradients:
-        optimizer.step(grads)
-    expected = reference_sgd(initial, gradients, **config)
-    for name in params:
-        np.testing.assert_allclose(params[name], expected[name], rtol=1e-12, atol=1e-14)
+def adam_reference(initial, gradients, lr, betas, eps, weight_decay):
+    return reference_adam(initial, gradients, lr, betas[0], betas[1], eps, weight_decay)
 
 
-@pytest.mark.parametrize("config", ADAM_CONFIGS)
-def test_adam_matches_elementwise_reference(config):
-    initial, gradients = random_problem(np.random.default_rng(4), np.float64, 6)
+@pytest.mark.parametrize("optimizer_class, reference, config", [
+    *[(SGD, reference_sgd, config) for config in SGD_CONFIGS],
+    *[(Adam, adam_reference, config) for config in ADAM_CONFIGS],
+])
+def test_optimizer_matches_elementwise_reference(optimizer_class, reference, config):
+    initial, gradients = random_problem(np.random.default_rng(3 if optimizer_class is SGD else 4), np.float64, 6)
     params = {name: value.copy() for name, value in initial.items()}
-    optimizer = Adam(params, **config)
+    optimizer = optimizer_class(params, **config)
     for grads in gradients:
         optimizer.step(grads)
-    beta1, beta2 = config["betas"]
-    expected = reference_adam(initial, gradients, config["lr"], beta1, beta2, config["eps"],
-                              config["weight_decay"])
+    expected = reference(initial, gradients, **config)
     for name in params:
         np.testing.assert_allclose(params[name], expected[name], rtol=1e-12, atol=1e-14)
 
@@ -245,30 +238,18 @@ def run_torch(torch_optimizer_class, initial, gradients, **config):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("config", SGD_CONFIGS)
-def test_sgd_matches_torch(config, dtype):
+@pytest.mark.parametrize("optimizer_class, torch_name, config, torch_only", [
+    *[(SGD, "SGD", config, {"dampening": 0.0}) for config in SGD_CONFIGS],
+    *[(Adam, "Adam", config, {"amsgrad": False}) for config in ADAM_CONFIGS],
+])
+def test_optimizer_matches_torch(optimizer_class, torch_name, config, torch_only, dtype):
     torch = pytest.importorskip("torch")
-    initial, gradients = random_problem(np.random.default_rng(5), dtype, 6)
+    initial, gradients = random_problem(np.random.default_rng(5 if optimizer_class is SGD else 6), dtype, 6)
     params = {name: value.copy() for name, value in initial.items()}
-    optimizer = SGD(params, **config)
+    optimizer = optimizer_class(params, **config)
     for grads in gradients:
         optimizer.step(grads)
-    expected = run_torch(torch.optim.SGD, initial, gradients, dampening=0.0, **config)
-    for name in params:
-        assert params[name].dtype == dtype
-        np.testing.assert_allclose(params[name], expected[name], **TORCH_TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("config", ADAM_CONFIGS)
-def test_adam_matches_torch(config, dtype):
-    torch = pytest.importorskip("torch")
-    initial, gradients = random_problem(np.random.default_rng(6), dtype, 6)
-    params = {name: value.copy() for name, value in initial.items()}
-    optimizer = Adam(params, **config)
-    for grads in gradients:
-        optimizer.step(grads)
-    expected = run_torch(torch.optim.Adam, initial, gradients, amsgrad=False, **config)
+    expected = run_torch(getattr(torch.optim, torch_name), initial, gradients, **torch_only, **config)
     for name in params:
         assert params[name].dtype == dtype
         np.testing.assert_allclose(params[name], expected[name], **TORCH_TOLERANCES[dtype])
