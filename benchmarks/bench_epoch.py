@@ -106,9 +106,8 @@ def run_epoch(side, args):
             torch.set_num_threads(args.threads)
         versions["torch"] = torch.__version__
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    import npsoftmax  # before numpy, as the examples do: its thread defaults reach numpy's OpenBLAS
     import numpy as np
-
-    import npsoftmax
     from npsoftmax.kernels import BACKEND
     from npsoftmax.timing import thread_report
 

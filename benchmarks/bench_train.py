@@ -227,9 +227,8 @@ def worker(args):
         torch.set_num_threads(threads)
         versions["torch"] = torch.__version__
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    import npsoftmax  # before numpy, as the examples do: its thread defaults reach numpy's OpenBLAS
     import numpy as np
-
-    import npsoftmax
 
     if args.worker == "numpy":
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")  # npsoftmax's own default, set on import
