@@ -472,4 +472,5 @@ assert tree_cosines[-1] < 0.9 and distances[-1] > 0.3                           
 # accuracy, not by how close their training loss is to the softmax's.
 
 # %% [markdown]
-# **Back to the start:** [01_softmax_cross_entropy.ipynb](01_softmax_cross_entropy.ipynb).
+# **Next:** [11_cifar100_results.ipynb](11_cifar100_results.ipynb) — the five heads trained on the real
+# CIFAR-100: their committed results, calibration, how severe their mistakes are, and their test images.

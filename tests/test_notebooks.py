@@ -63,6 +63,7 @@ COURSE = [
     "08_train_and_compare.ipynb",
     "09_write_your_own_head.ipynb",
     "10_gradient_estimators.ipynb",
+    "11_cifar100_results.ipynb",
 ]
 #: Wall-clock limit for one whole notebook, kernel start included. Each runs in well under
 #: 20 s on a 2-core machine; this only stops a hung or runaway notebook, it does not time it.
