@@ -34,7 +34,9 @@ import sys
 
 import numpy as np
 
+from npsoftmax.checkpoint import load_checkpoint
 from npsoftmax.cli import EXIT_USAGE, HEAD_NAMES, build_parser, check_args, run
+from npsoftmax.train import best_record
 
 TREES = ("superclass", "balanced", "huffman")
 STUDY_HEADS = ("softmax", "gumbel", "hierarchical-superclass", "hierarchical-balanced", "adaptive")
@@ -91,8 +93,7 @@ def report_row(run_dir):
     history = _read_json(history_path)
     if not history:
         return None
-    scores = [record.get("val_top1", -1.0) for record in history]
-    best = history[int(np.argmax(scores))] if "val_top1" in history[0] else history[-1]
+    best = best_record(history) or history[-1]  # no validation split: the last epoch
     row = {key: value for key, value in best.items() if key.startswith("test_")}
     row["best_epoch"] = best["epoch"]
     row["epochs_done"] = len(history)
@@ -100,10 +101,8 @@ def report_row(run_dir):
     row["head_ms_per_batch"] = float(np.median([record["head_ms_per_batch"] for record in history]))
     weights = os.path.join(run_dir, "weights.npz")
     if os.path.exists(weights):
-        from npsoftmax.weights import load_weights
-
-        model, _ = load_weights(weights)
-        row["head_parameters"] = int(sum(value.size for value in model.head.params.values()))
+        params = load_checkpoint(weights)["params"]
+        row["head_parameters"] = int(sum(value.size for name, value in params.items() if name.startswith("head.")))
     return row
 
 

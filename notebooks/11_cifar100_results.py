@@ -50,7 +50,7 @@ from IPython.display import Image, Markdown, display
 from npsoftmax.data import COARSE_NAMES, COARSE_OF_FINE, FINE_NAMES, default_data_dir, read_batch_file, stratified_indices
 from npsoftmax.metrics import confusion_matrix, evaluation_record
 from npsoftmax.plots import plot_reliability
-from npsoftmax.train import predict_log_probs
+from npsoftmax.train import best_record, predict_log_probs
 from npsoftmax.weights import load_weights
 
 REPOSITORY = Path.cwd().resolve().parent          # notebooks run with notebooks/ as working directory
@@ -100,9 +100,7 @@ print(f"missing: {', '.join(missing)}" if missing else "missing: none")
 
 # %%
 histories = {name: read_json(RESULTS / name / "history.json") for name in runs}
-best = {}
-for name, history in histories.items():
-    best[name] = history[int(np.argmax([record["val_top1"] for record in history]))]
+best = {name: best_record(history) for name, history in histories.items()}  # the epoch in weights.npz
 
 columns = [("test_top1", "top-1", ".4f"), ("test_top5", "top-5", ".4f"), ("test_loss", "NLL", ".3f"),
            ("test_ece", "ECE", ".3f"), ("test_coarse_top1", "superclass acc", ".4f"),

@@ -110,14 +110,24 @@ def save_checkpoint(path, *, params, buffers=None, optimizer_state=None, meta=No
         raise
 
 
-def load_checkpoint(path, *, required_meta=(), check_finite=True):
+def write_json(path, value):
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file, then a rename), like the checkpoints."""
+    path = os.fspath(path)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as stream:
+        json.dump(value, stream, indent=1)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, *, required_meta=()):
     """Read and verify a checkpoint written by :func:`save_checkpoint`.
 
     Parameters
     ----------
     path : str or Path
     required_meta : names that must be present in ``meta`` (e.g. ``("epoch", "rng_states")``)
-    check_finite : refuse NaN/inf in params and buffers (a diverged model is not a checkpoint)
+
+    NaN/inf in params or buffers is refused: a diverged model is not a checkpoint.
 
     Returns
     -------
@@ -155,12 +165,11 @@ def load_checkpoint(path, *, required_meta=(), check_finite=True):
         if section not in _SECTIONS:
             raise CheckpointError(f"checkpoint {path} has an unknown entry {key!r}")
         result[_SECTIONS[section]][name] = value
-    if check_finite:
-        bad = non_finite_entries({**result["params"], **result["buffers"]})
-        if bad:
-            raise CheckpointError(f"checkpoint {path} holds NaN or inf in {bad[:5]}"
-                                  f"{' and %d more' % (len(bad) - 5) if len(bad) > 5 else ''}: "
-                                  f"it was saved from a diverged model and cannot be resumed")
+    bad = non_finite_entries({**result["params"], **result["buffers"]})
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf in {bad[:5]}"
+                              f"{' and %d more' % (len(bad) - 5) if len(bad) > 5 else ''}: "
+                              f"it was saved from a diverged model and cannot be resumed")
     return result
 
 

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from .checkpoint import write_json
 from .heads import HEADS
 
 #: ``--softmax`` choices: the head registry's names (one list for the package and the CLI).
@@ -610,25 +611,17 @@ def run(args, make_backend=None):
 def finish_run(trainer, dataset):
     """After training: ``weights.npz`` (the best epoch by validation top-1, else the last), and the
     plots and ``reliability.json`` of that model on the test split. Returns the paths written."""
-    from .metrics import reliability_bins
+    from .metrics import evaluation_record, reliability_bins
     from .plots import plot_reliability
-    from .weights import load_weights
 
     weights = os.path.join(trainer.run_dir, "weights.npz")
     if os.path.exists(trainer.best_path):
         shutil.copyfile(trainer.best_path, weights)
-        best, _ = load_weights(weights)
-        from .checkpoint import copy_into
-
-        copy_into(trainer.model.params, best.params, "params")
-        copy_into(trainer.model.buffers, best.buffers, "buffers")
-        trainer.backend.sync_from_numpy()
+        trainer.restore_weights(weights)
     else:
         trainer.save_weights(weights)
     log_probs = trainer.predict_log_probs(dataset.test.images)
     trainer.backend.train()
-    from .metrics import evaluation_record
-
     _, trainer.last_confusion = evaluation_record(log_probs, dataset.test.labels, trainer.coarse_of_fine)
     bins = {key: value.tolist() for key, value in reliability_bins(log_probs, dataset.test.labels).items()}
     reliability = os.path.join(trainer.run_dir, "reliability.json")
@@ -640,14 +633,6 @@ def finish_run(trainer, dataset):
     if hasattr(trainer.backend, "save_native"):
         paths.append(trainer.backend.save_native(trainer.run_dir))
     return paths
-
-
-def write_json(path, value):
-    """Write ``value`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(value, stream, indent=1)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ different identity raises :class:`RunMismatchError` naming every difference, so 
 runs are never silently mixed. Parameters that became NaN/inf are never saved.
 """
 
-import json
 import math
 import os
 import time
@@ -35,7 +34,7 @@ import numpy as np
 
 from .backend import NonFiniteFeatures, NumpyBackend
 from .checkpoint import (CheckpointError, copy_into, generator_state, load_checkpoint, non_finite_entries,
-                         remove_stale_temporaries, restore_generator, save_checkpoint)
+                         remove_stale_temporaries, restore_generator, save_checkpoint, write_json)
 from .data.transforms import augment as augment_batch
 from .data.transforms import channel_mean_std, normalize
 from .metrics import evaluation_record
@@ -61,6 +60,16 @@ class RunMismatchError(CheckpointError):
         self.differences = differences
         lines = [f"  {name}: checkpoint has {old!r}, this run has {new!r}" for name, old, new in differences]
         super().__init__(f"{path} belongs to a different run; refusing to mix them:\n" + "\n".join(lines))
+
+
+def best_record(history):
+    """The history record with the highest ``val_top1`` (the first of ties), or None if none has one.
+
+    The one rule for "the best epoch": the trainer keeps its weights as ``best.npz``, and
+    reports (``compare.py``) show its test figures.
+    """
+    scored = [record for record in history if "val_top1" in record]
+    return max(scored, key=lambda record: record["val_top1"]) if scored else None
 
 
 def identity_differences(stored, current):
@@ -175,9 +184,8 @@ class Trainer:
     @property
     def best_epoch(self):
         """The epoch (1-based) with the highest validation top-1 so far (first of ties), or None."""
-        if not any("val_top1" in record for record in self.history):
-            return None
-        return self.history[int(np.argmax([record.get("val_top1", -1.0) for record in self.history]))]["epoch"]
+        best = best_record(self.history)
+        return None if best is None else best["epoch"]
 
     @property
     def stopped_early(self):
@@ -311,7 +319,7 @@ class Trainer:
             self.history.append(record)
             if "val_top1" in record and self.best_epoch == self.epoch:
                 self.save_weights(self.best_path)
-            self._write_history()
+            write_json(self.history_path, self.history)
             if self.backend.supports_resume:
                 self.save(self.checkpoint_path)
             if self.on_epoch_end is not None:
@@ -319,11 +327,12 @@ class Trainer:
         return self.history
 
     # -- persistence -----------------------------------------------------------------
-    def _write_history(self):
-        temporary = self.history_path + ".tmp"
-        with open(temporary, "w") as stream:
-            json.dump(self.history, stream, indent=1)
-        os.replace(temporary, self.history_path)
+    def restore_weights(self, path):
+        """Put the parameters and buffers of a weights file (or checkpoint) into the model, in place."""
+        stored = load_checkpoint(path)
+        copy_into(self.model.params, stored["params"], "params")
+        copy_into(self.model.buffers, stored["buffers"], "buffers")
+        self.backend.sync_from_numpy()
 
     def save_weights(self, path):
         """The current model as a weights file (``npsoftmax.weights``): rebuilds itself, with this
