@@ -114,11 +114,10 @@ def run_epoch(side, args):
     if side == "numpy":
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")  # npsoftmax's own default, set on import
     versions.update(numpy=np.__version__, npsoftmax=f"{npsoftmax.__version__} (im2col {BACKEND})")
-    limits = None
-    if args.threads is not None:
-        from threadpoolctl import threadpool_limits
+    if args.threads is not None and side == "numpy":
+        from npsoftmax.parallel import set_threads
 
-        limits = threadpool_limits(limits=args.threads)  # as train_np.py --threads does
+        set_threads(args.threads)  # as train_np.py --threads does (torch's side: torch.set_num_threads)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(args, run_dir)
         if side == "torch":  # what train_torch.py --device cpu does: the same Trainer, the torch backend
@@ -132,8 +131,6 @@ def run_epoch(side, args):
         trainer.evaluate()
         evaluation = time.perf_counter() - start
     report = thread_report() + (f" torch={torch.get_num_threads()}" if side == "torch" else "")
-    if limits is not None:
-        limits.restore_original_limits()
     return {
         "side": SIDES[side], "softmax": args.softmax, "train_images": args.train, "test_images": args.test,
         "batch": args.batch_size, "threads": args.threads,

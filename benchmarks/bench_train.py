@@ -232,6 +232,9 @@ def worker(args):
 
     if args.worker == "numpy":
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")  # npsoftmax's own default, set on import
+        from npsoftmax.parallel import set_threads
+
+        set_threads(threads)  # as train_np.py --threads does: the conv chunks' pool, BLAS single-threaded
     from npsoftmax.kernels import BACKEND
     from npsoftmax.timing import interleaved_samples, thread_report
 

@@ -557,14 +557,14 @@ def run(args, make_backend=None):
     ``make_backend(trainer)``, if given, replaces the NumPy backend (``train_torch.py``
     passes the torch one); a backend that cannot resume refuses ``--resume``.
     """
-    from threadpoolctl import threadpool_limits
+    from .parallel import set_threads
 
     threads = args.threads
     if threads is None:
         threads, note = default_threads()
         if note:
             print(note, file=sys.stderr)
-    threadpool_limits(limits=threads)  # BLAS and OpenMP pools, for this process
+    set_threads(threads)  # the conv chunks' pool; BLAS single-threaded (see npsoftmax.parallel)
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .train import TrainingDiverged

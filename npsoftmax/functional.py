@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import kernels
+from . import kernels, parallel
 from .kernels import col2im, conv_output_size, im2col
 from .sections import section
 from .validation import (check_array, check_bool, check_buffer, check_int, check_ndim, check_same_dtype,
@@ -270,28 +270,32 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
     if cols_out is not None and not keep_cols:
         raise ValueError("cols_out is only used with keep_cols=True (the cache keeps the columns)")
     x = np.ascontiguousarray(x)
-    chunk = _images_per_chunk(N, P, w[0].size, x.itemsize)
+    chunk = parallel.chunk_size(N, _images_per_chunk(N, P, w[0].size, x.itemsize))
     if keep_cols:
         cols = np.empty((w[0].size, N * P), dtype=x.dtype) if cols_out is None else cols_out
-    else:
-        scratch = np.empty((w[0].size, chunk * P), dtype=x.dtype)  # one chunk's columns, reused
     w_rows = w.reshape(F, -1)
     out = np.empty((N, F, OH, OW), dtype=x.dtype)
 
     # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
     # and the whole convolution is one GEMM: out_rows (F, N*P) = w_rows (F, C*KH*KW) @ cols.
     # The columns of image n are block n of cols, so the GEMM splits by images: it runs
-    # chunk by chunk, on columns im2col has just written (still in cache).
-    for start in range(0, N, chunk):
-        stop = min(start + chunk, N)
-        columns = cols[:, start * P : stop * P] if keep_cols else scratch[:, : (stop - start) * P]
+    # chunk by chunk, on columns im2col has just written (still in cache), one chunk per
+    # task of the thread pool (npsoftmax.parallel; on the calling thread without a pool).
+    def forward_chunk(start, stop):
+        images = stop - start
+        if keep_cols:
+            columns = cols[:, start * P : stop * P]
+        else:  # inference: this chunk's columns only, dropped after its GEMM
+            columns = np.empty((w[0].size, images * P), dtype=x.dtype)
         with section("im2col"):
             im2col(x[start:stop], KH, KW, stride, pad, out=columns)
         with section("conv GEMM"):
             out_rows = w_rows @ columns
         # Columns are ordered (n, oh, ow): out_rows is (F, images, OH*OW); move F after n
         # (and add the bias on the way, instead of a separate pass over the output).
-        kernels.swap_leading_axes(out_rows.reshape(F, stop - start, P), out[start:stop].reshape(stop - start, F, P), b)
+        kernels.swap_leading_axes(out_rows.reshape(F, images, P), out[start:stop].reshape(images, F, P), b)
+
+    parallel.map_chunks(forward_chunk, N, chunk)
     if keep_cols:
         return out, ConvCache(x.shape, cols, w, stride, pad, b is not None, None)
     return out, ConvCache(x.shape, None, w, stride, pad, b is not None, x)
@@ -324,41 +328,47 @@ def conv_backward(dout, cache, *, input_gradient=True):
     check_bool(input_gradient, "input_gradient")
     dout = np.ascontiguousarray(dout)
     w_rows = w.reshape(F, -1)
-    dw_rows = np.zeros(w_rows.shape, dtype=w.dtype)
-    db = np.zeros(F, dtype=w.dtype) if has_bias else None
     dx = np.empty(x_shape, dtype=w.dtype) if input_gradient else None
 
     # out_rows = w_rows @ cols + b, so
-    #   dw_rows = dout_rows @ cols^T  (a sum over all columns: accumulated chunk by chunk),
+    #   dw_rows = dout_rows @ cols^T  (a sum over all columns: one partial sum per chunk),
     #   dcols   = w_rows^T @ dout_rows, folded back into dx by col2im.
     # Chunks as in the forward pass: each chunk's dcols is written, folded and
     # reused while in cache; it never exists for the whole batch.
-    chunk = _images_per_chunk(N, P, w[0].size, w.itemsize)
-    if cols is None:  # the forward pass kept x instead of the columns: recompute them per chunk
-        scratch = np.empty((w[0].size, chunk * P), dtype=w.dtype)
-    for start in range(0, N, chunk):
-        stop = min(start + chunk, N)
+    chunk = parallel.chunk_size(N, _images_per_chunk(N, P, w[0].size, w.itemsize))
+
+    def backward_chunk(start, stop):
         images = stop - start
         # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
         dout_rows = np.empty((F, images * P), dtype=dout.dtype)
         kernels.swap_leading_axes(dout[start:stop].reshape(images, F, P), dout_rows.reshape(F, images, P))
-        if cols is None:
-            columns = scratch[:, : images * P]
+        if cols is None:  # the forward pass kept x instead of the columns: recompute them
+            columns = np.empty((w[0].size, images * P), dtype=w.dtype)
             with section("im2col"):
                 im2col(x[start:stop], KH, KW, stride, pad, out=columns)
         else:
             columns = cols[:, start * P : stop * P]
         with section("conv GEMM"):
             # (columns.T is a transposed view: BLAS reads it in place, nothing is copied.)
-            dw_rows += dout_rows @ columns.T
+            dw_part = dout_rows @ columns.T
             dcols = w_rows.T @ dout_rows if input_gradient else None
         if input_gradient:
             # col2im is the adjoint of im2col: it adds each column entry back to the pixel
             # it was copied from, so a pixel seen by several windows sums their gradients.
             with section("col2im"):
                 col2im(dcols, (images, *x_shape[1:]), KH, KW, stride, pad, out=dx[start:stop])
-        if has_bias:
-            db += dout_rows.sum(axis=1)
+        return dw_part, (dout_rows.sum(axis=1) if has_bias else None)
+
+    parts = parallel.map_chunks(backward_chunk, N, chunk)
+    # The batch sums, added in chunk order (the same result whichever thread ran which chunk).
+    dw_rows = parts[0][0]
+    for dw_part, _ in parts[1:]:
+        dw_rows += dw_part
+    db = None
+    if has_bias:
+        db = parts[0][1]
+        for _, db_part in parts[1:]:
+            db += db_part
     return dx, dw_rows.reshape(w.shape), db
 
 

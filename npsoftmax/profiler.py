@@ -29,6 +29,7 @@ step time not covered by any module (Python glue, the loss, data handling).
 """
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 
@@ -93,6 +94,7 @@ class Profiler:
         self.modules = []
         self.times = defaultdict(float)
         self.sections = defaultdict(float)
+        self._section_lock = threading.Lock()
         self.steps = 0
         self.conv_flops = 0.0
         self.elapsed = 0.0
@@ -101,7 +103,10 @@ class Profiler:
 
     # -- recording ---------------------------------------------------------------
     def add_section(self, name, seconds):
-        self.sections[name] += seconds
+        # Conv chunks may run on several pool threads (npsoftmax.parallel): their marks
+        # add up the time of every thread, and the lock keeps concurrent additions.
+        with self._section_lock:
+            self.sections[name] += seconds
 
     def _wrap(self, owner, attribute, label, phase, flops_of=None, counts_step=False):
         original = getattr(owner, attribute)

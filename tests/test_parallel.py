@@ -1,0 +1,132 @@
+"""The conv layers' own thread pool (npsoftmax.parallel): same answers as one thread, checked
+against loops and numerical gradients while the pool runs, deterministic, clear errors."""
+
+import threading
+
+import numpy as np
+import pytest
+from naive_reference import naive_conv
+from test_functional import CONV_GEOMETRIES, assert_gradients_match, pair_gradient_errors, random_array
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from npsoftmax import functional as F
+from npsoftmax import parallel
+
+
+@pytest.fixture
+def pool():
+    """Yields ``parallel.set_threads``; afterwards no pool and the BLAS/OpenMP limits of before."""
+    saved = threadpool_limits(limits=None)  # records the current limits, changes nothing
+    yield parallel.set_threads
+    parallel.set_threads(1)
+    saved.restore_original_limits()
+
+
+def conv_results(x, w, b, dout, stride, pad):
+    out, cache = F.conv_forward(x, w, b, stride=stride, pad=pad)
+    inference, _ = F.conv_forward(x, w, b, stride=stride, pad=pad, keep_cols=False)
+    return (out, inference, *F.conv_backward(dout, cache))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+def test_pooled_conv_gradients_match_numerical_gradients(pool, threads, geometry, rng):
+    N, C, H, W, num_filters, KH, KW, stride, pad = geometry
+    pool(threads)
+    arrays = {"x": random_array(rng, (N, C, H, W)), "w": random_array(rng, (num_filters, C, KH, KW)),
+              "b": random_array(rng, num_filters)}
+    forward = lambda x, w, b: F.conv_forward(x, w, b, stride=stride, pad=pad)  # noqa: E731
+    assert_gradients_match(pair_gradient_errors(forward, F.conv_backward, arrays, rng))
+    out, _ = forward(*arrays.values())
+    np.testing.assert_allclose(out, naive_conv(*arrays.values(), stride, pad), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_pool_gives_the_one_thread_answers_in_many_chunks(pool, rng, dtype, tolerance):
+    """A batch of 37 odd images cut into 5 to 13 chunks: every output and gradient as with one thread."""
+    x = random_array(rng, (37, 3, 9, 8), dtype)
+    w, b = random_array(rng, (5, 3, 3, 2), dtype), random_array(rng, 5, dtype)
+    dout = random_array(rng, (37, 5, 5, 5), dtype)
+    pool(1)
+    expected = conv_results(x, w, b, dout, stride=2, pad=1)
+    for threads in (2, 3, 4):
+        pool(threads)
+        assert parallel.chunk_size(37, 1000) == -(-37 // (parallel.CHUNKS_PER_THREAD * threads))
+        for name, got, want in zip(["out", "inference out", "dx", "dw", "db"],
+                                   conv_results(x, w, b, dout, stride=2, pad=1), expected):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=f"{name}, {threads} threads")
+
+
+def test_pooled_weight_gradient_is_the_same_bits_every_time(pool, rng):
+    """Chunk sums are added in chunk order, so thread timing cannot change a single bit."""
+    pool(3)
+    x, w, b = random_array(rng, (50, 4, 8, 8), np.float32), random_array(rng, (6, 4, 3, 3), np.float32), None
+    out, cache = F.conv_forward(x, w, b, stride=1, pad=1)
+    dout = random_array(rng, out.shape, np.float32)
+    first = F.conv_backward(dout, cache)
+    for _ in range(5):
+        again = F.conv_backward(dout, cache)
+        np.testing.assert_array_equal(again[0], first[0])
+        np.testing.assert_array_equal(again[1], first[1])
+        assert again[2] is None
+
+
+def test_map_chunks_covers_every_item_in_order(pool):
+    pool(3)
+    seen = []
+    lock = threading.Lock()
+
+    def task(start, stop):
+        with lock:
+            seen.append((start, stop))
+        return list(range(start, stop))
+
+    results = parallel.map_chunks(task, 23, 4)
+    assert [item for chunk in results for item in chunk] == list(range(23))
+    assert sorted(seen) == [(s, min(s + 4, 23)) for s in range(0, 23, 4)]
+
+
+def test_a_failing_chunk_raises_after_every_chunk_finished(pool):
+    pool(2)
+    finished = []
+
+    def task(start, stop):
+        if start == 0:
+            raise ValueError("chunk 0 failed")
+        finished.append(start)
+        return start
+
+    with pytest.raises(ValueError, match="chunk 0 failed"):
+        parallel.map_chunks(task, 10, 1)
+    assert sorted(finished) == list(range(1, 10))
+
+
+def test_pool_threads_run_single_threaded_kernels(pool):
+    """BLAS is limited to one thread, and each pool thread's OpenMP regions to one thread."""
+    pool(2)
+    blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    assert blas and set(blas) == {1}
+
+    def worker_openmp(start, stop):
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "openmp"]
+
+    from npsoftmax.kernels import HAVE_EXTENSION
+
+    if HAVE_EXTENSION and any(info["user_api"] == "openmp" for info in threadpool_info()):
+        for counts in parallel.map_chunks(worker_openmp, 4, 1):
+            assert set(counts) == {1}
+        main = {info["num_threads"] for info in threadpool_info() if info["user_api"] == "openmp"}
+        assert main == {2}  # the calling thread's elementwise kernels use both threads
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (0, ValueError, "threads must be >= 1, got 0"),
+    (-2, ValueError, "threads must be >= 1, got -2"),
+    (2.0, TypeError, "threads must be an int, got float 2.0"),
+    (True, TypeError, "threads must be an int, got bool True"),
+])
+def test_set_threads_refuses_bad_counts(pool, value, error, message):
+    with pytest.raises(error, match=message):
+        parallel.set_threads(value)
+    assert parallel.get_threads() == 1
