@@ -16,6 +16,11 @@ resumed run only needs the step counter. ``Scheduler``
 writes the learning rate into ``optimizer.lr`` and the Gumbel temperature into
 ``head.tau`` at a given step: one hook for both annealings.
 
+``lr_scales={name: factor}`` gives some parameters a learning rate ``factor`` times the
+scheduled ``lr`` (torch: a param group whose lr is ``factor * lr``); the CLI's
+``--head-lr-scale`` uses it for the head's parameters. It is a construction setting,
+not part of ``state_dict`` (the CLI records it in the run's identity).
+
     >>> import numpy as np
     >>> w = np.ones(3, dtype=np.float32)
     >>> opt = SGD({"w": w}, lr=0.5, momentum=0.9)
@@ -56,7 +61,7 @@ class Optimizer:
 
     _buffer_kinds = ()
 
-    def __init__(self, params):
+    def __init__(self, params, lr_scales=None):
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a dict name -> ndarray, got {type(params).__name__}")
         if len(params) == 0:
@@ -72,8 +77,31 @@ class Optimizer:
                 raise ValueError(f"params[{name!r}] is read-only; the optimizer updates it in place")
         # A new dict, the same arrays: the key set is fixed, the arrays are the layer's own.
         self.params = dict(params)
+        self.lr_scales = self._check_lr_scales(lr_scales)
         self.step_count = 0
         self.state = {kind: {} for kind in self._buffer_kinds}
+
+    def _check_lr_scales(self, lr_scales):
+        """``lr_scales``: None or dict param name -> finite factor > 0 (a torch param group's lr ratio)."""
+        if lr_scales is None:
+            return {}
+        if not isinstance(lr_scales, Mapping):
+            raise TypeError(f"lr_scales must be a dict param name -> float, got {type(lr_scales).__name__}")
+        unknown = sorted(set(lr_scales) - set(self.params), key=str)
+        if unknown:
+            raise ValueError(f"lr_scales names {unknown}, which are not params (params: {sorted(self.params)})")
+        scales = {}
+        for name, scale in lr_scales.items():
+            scale = check_real(scale, f"lr_scales[{name!r}]", minimum=0.0)
+            if scale == 0.0:
+                raise ValueError(f"lr_scales[{name!r}] must be > 0, got 0.0 (leave a param out of params to freeze it)")
+            scales[name] = scale
+        return scales
+
+    def _step_lr(self, name):
+        """The learning rate of param ``name`` this step: ``lr * lr_scales.get(name, 1)``."""
+        scale = self.lr_scales.get(name)
+        return self.lr if scale is None else self.lr * scale
 
     @property
     def lr(self):
@@ -192,6 +220,8 @@ class Optimizer:
 
     def __repr__(self):
         settings = ", ".join(f"{key}={value!r}" for key, value in self._hyperparameters().items())
+        if self.lr_scales:
+            settings += f", lr_scales={self.lr_scales!r}"
         return f"{type(self).__name__}({len(self.params)} params, {settings}, step={self.step_count})"
 
 
@@ -218,8 +248,8 @@ class SGD(Optimizer):
 
     _buffer_kinds = ("momentum_buffer",)
 
-    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params)
+    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, lr_scales=None):
+        super().__init__(params, lr_scales)
         self._configure(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def _configure(self, lr, momentum, nesterov, weight_decay):
@@ -259,7 +289,7 @@ class SGD(Optimizer):
                 buffer += direction
             buffer = buffers[name]
             direction = direction + self.momentum * buffer if self.nesterov else buffer
-        param -= self.lr * direction
+        param -= self._step_lr(name) * direction
 
 
 class Adam(Optimizer):
@@ -285,8 +315,8 @@ class Adam(Optimizer):
 
     _buffer_kinds = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_scales=None):
+        super().__init__(params, lr_scales)
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
@@ -334,7 +364,7 @@ class Adam(Optimizer):
         t = self.step_count
         # Python floats: the bias corrections are computed once in float64 and applied in
         # the parameter's dtype.
-        step_size = self.lr / (1.0 - self.beta1 ** t)
+        step_size = self._step_lr(name) / (1.0 - self.beta1 ** t)
         bias_correction2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
         denominator = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps
         param -= step_size * (exp_avg / denominator)

@@ -585,7 +585,7 @@ def from_torch(torch_module, *, into=None, rng=None):
     return copy_from_torch(torch_module, into)
 
 
-def to_torch_optimizer(optimizer, torch_module):
+def to_torch_optimizer(optimizer, torch_module, numpy_module=None):
     """A fresh ``torch.optim`` optimizer with the hyperparameters of an npsoftmax one.
 
     ``SGD(lr, momentum, nesterov, weight_decay)`` -> ``torch.optim.SGD`` (dampening 0) and
@@ -593,12 +593,27 @@ def to_torch_optimizer(optimizer, torch_module):
     exactly their update rules. It optimises all of ``torch_module.parameters()``, so
     the npsoftmax optimizer should cover all of the model's ``params``; only
     hyperparameters are copied, hence ``optimizer`` must not have stepped yet.
+
+    An optimizer with ``lr_scales`` becomes one param group per distinct scale, each with
+    ``lr = scale * lr`` and the scale kept as ``group["lr_scale"]`` (a schedule sets
+    ``group["lr"] = group["lr_scale"] * lr``); naming the parameters needs ``numpy_module``,
+    the npsoftmax twin of ``torch_module``.
     """
     torch = require_torch()
     if optimizer.step_count != 0:
         raise ValueError(f"optimizer has taken {optimizer.step_count} steps; its momentum/moment state "
                          "is not copied, so convert it before training")
     parameters = list(torch_module.parameters())
+    if optimizer.lr_scales:
+        if numpy_module is None:
+            raise ValueError("optimizer has lr_scales: pass numpy_module (the npsoftmax twin of torch_module) "
+                             "to name the parameters")
+        groups = {}
+        for kind, name, _, tensor, _ in _pairs(numpy_module, torch_module):
+            if kind == "params":
+                groups.setdefault(optimizer.lr_scales.get(name, 1.0), []).append(tensor)
+        parameters = [{"params": tensors, "lr": optimizer.lr * scale, "lr_scale": scale}
+                      for scale, tensors in groups.items()]
     if isinstance(optimizer, SGD):
         return torch.optim.SGD(parameters, lr=optimizer.lr, momentum=optimizer.momentum,
                                nesterov=optimizer.nesterov, weight_decay=optimizer.weight_decay)

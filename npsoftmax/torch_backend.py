@@ -39,7 +39,7 @@ class TorchBackend(Backend):
         self.numpy_model = model
         self.device = torch.device(device)
         self.model = to_torch(model, device=self.device)
-        self.optimizer = to_torch_optimizer(optimizer, self.model)
+        self.optimizer = to_torch_optimizer(optimizer, self.model, model)
 
     def _synchronize(self):
         if self.device.type == "cuda":
@@ -80,7 +80,7 @@ class TorchBackend(Backend):
         """Set this step's scheduled ``lr`` (and Gumbel ``tau``) on the torch side."""
         if "lr" in values:
             for group in self.optimizer.param_groups:
-                group["lr"] = values["lr"]
+                group["lr"] = group.get("lr_scale", 1.0) * values["lr"]
         if "tau" in values:
             self.model.head.tau = values["tau"]
 

@@ -217,6 +217,38 @@ def test_optimizer_matches_elementwise_reference(optimizer_class, reference, con
         np.testing.assert_allclose(params[name], expected[name], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("optimizer_class, reference, config", [
+    (SGD, reference_sgd, SGD_CONFIGS[3]), (Adam, adam_reference, ADAM_CONFIGS[1])])
+def test_lr_scales_give_one_param_a_scaled_learning_rate(optimizer_class, reference, config):
+    """lr_scales={"b": 0.3}: "b" follows the reference run at 0.3 * lr (weight decay included),
+    "w" the run at lr, also after the schedule changes lr."""
+    initial, gradients = random_problem(np.random.default_rng(7), np.float64, 6)
+    params = {name: value.copy() for name, value in initial.items()}
+    optimizer = optimizer_class(params, **config, lr_scales={"b": 0.3})
+    for grads in gradients:
+        optimizer.step(grads)
+    scaled = reference(initial, gradients, **{**config, "lr": 0.3 * config["lr"]})
+    plain = reference(initial, gradients, **config)
+    np.testing.assert_allclose(params["b"], scaled["b"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(params["w"], plain["w"], rtol=1e-12, atol=1e-14)
+    assert not np.allclose(params["b"], plain["b"])  # the scale made a difference
+    assert "lr_scales={'b': 0.3}" in repr(optimizer)
+
+
+@pytest.mark.parametrize("lr_scales, error, message", [
+    ({"nope": 0.5}, ValueError, r"lr_scales names \['nope'\], which are not params"),
+    ({"w": 0.0}, ValueError, r"lr_scales\['w'\] must be > 0, got 0.0"),
+    ({"w": -1.0}, ValueError, r"lr_scales\['w'\] must be >= 0.0"),
+    ({"w": float("nan")}, ValueError, r"lr_scales\['w'\]"),
+    ([("w", 0.5)], TypeError, "lr_scales must be a dict param name -> float, got list"),
+])
+def test_lr_scales_are_validated(lr_scales, error, message):
+    params = {"w": np.zeros(3)}
+    for optimizer_class in (SGD, Adam):
+        with pytest.raises(error, match=message):
+            optimizer_class(params, lr=0.1, lr_scales=lr_scales)
+
+
 # ----------------------------------------------------------------------------------
 # torch parity (skipped when torch is not installed)
 # ----------------------------------------------------------------------------------

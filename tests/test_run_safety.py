@@ -49,6 +49,7 @@ def test_resume_with_another_head_is_refused_and_names_each_difference(tmp_path,
     (["--softmax", "adaptive"], ["--softmax", "adaptive", "--cutoffs", "3"], "cutoffs"),
     ([], ["--lr", "0.01"], "lr"),
     ([], ["--seed", "1"], "seed"),
+    ([], ["--head-lr-scale", "0.5"], "head_lr_scale"),
 ])
 def test_resume_refuses_any_change_of_identity(tmp_path, capsys, first, second, option):
     run_dir = tmp_path / "run"
@@ -110,6 +111,8 @@ def test_resume_without_a_checkpoint_prints_the_note(tmp_path, capsys):
     (["--dataset", "cifar100", "--subset", "50"], "every class needs one: use --subset >= 105"),
     (["--softmax", "hierarchical", "--label-smoothing", "0.1"], "the hierarchical head does not support it"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be a finite number >= 0.0 and <= 0.999"),
+    (["--head-lr-scale", "0"], "--head-lr-scale must be a finite number > 0.0, got 0.0"),
+    (["--head-lr-scale", "nan"], "--head-lr-scale must be a finite number > 0.0, got nan"),
     (["--softmax", "sampled", "--samples", "0"], "--samples must be in [1, 10]"),
     (["--class-weights", "no-such-file.txt"], "--class-weights must be 'balanced' or a file"),
 ])
@@ -266,3 +269,40 @@ def test_compare_has_no_options_that_do_nothing(tmp_path, capsys):
             compare.main(["--dataset", "digits"] + argv)
         assert exit_info.value.code == 2, argv
         assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "cifar100", "--softmax", "hierarchical"], 0.2),        # the superclass tree (validated)
+    (["--dataset", "cifar100", "--softmax", "hierarchical", "--tree", "balanced"], 1.0),
+    (["--dataset", "cifar100", "--softmax", "softmax"], 1.0),
+    (["--dataset", "cifar100", "--softmax", "hierarchical", "--head-lr-scale", "1"], 1.0),
+])
+def test_head_lr_scale_default_is_chosen_per_tree(argv, expected):
+    from npsoftmax.cli import build_parser, check_args
+
+    args = build_parser().parse_args(argv)
+    check_args(args)  # resolves the defaults in place
+    assert args.head_lr_scale == expected
+
+
+def test_compare_gives_each_run_its_own_head_lr_scale_default(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare", os.path.join(os.path.dirname(__file__), "..", "examples", "compare.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    seen = {}
+
+    def fake_run(one):
+        seen[os.path.basename(one.run_dir)] = one.head_lr_scale
+        return 0
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    monkeypatch.setattr(compare, "write_report", lambda *arguments: 0)
+    heads = ["--dataset", "cifar100", "--heads", "softmax,hierarchical-superclass,hierarchical-balanced",
+             "--runs-root", str(tmp_path)]
+    assert compare.main(heads) == 0
+    assert seen == {"softmax": 1.0, "hierarchical-superclass": 0.2, "hierarchical-balanced": 1.0}
+    assert compare.main(heads + ["--head-lr-scale", "0.5"]) == 0
+    assert set(seen.values()) == {0.5}

@@ -21,11 +21,14 @@ def load_example(name):
     return module
 
 
-def test_float64_torch_run_matches_the_numpy_run_record_for_record(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--head-lr-scale", "0.3"]], ids=["plain", "head-lr-scale"])
+def test_float64_torch_run_matches_the_numpy_run_record_for_record(tmp_path, options):
+    """With --head-lr-scale the torch side gets two param groups, and its schedule keeps the ratio."""
     from npsoftmax.cli import main
 
-    assert main(TINY + ["--dtype", "float64", "--run-dir", str(tmp_path / "np")]) == 0
-    assert load_example("train_torch").main(TINY + ["--dtype", "float64", "--run-dir", str(tmp_path / "pt")]) == 0
+    argv = TINY + ["--dtype", "float64"] + options
+    assert main(argv + ["--run-dir", str(tmp_path / "np")]) == 0
+    assert load_example("train_torch").main(argv + ["--run-dir", str(tmp_path / "pt")]) == 0
     numpy_history = json.loads((tmp_path / "np" / "history.json").read_text())
     torch_history = json.loads((tmp_path / "pt" / "history.json").read_text())
     timing = {"epoch_seconds", "head_seconds", "head_ms_per_batch", "images_per_second"}
