@@ -1,7 +1,7 @@
 """One training step of the default CIFAR CNN: npsoftmax vs PyTorch, each side alone in its own process.
 
-Builds the default body (conv 32/64/128, each 3x3 pad 1 -> [batch norm] -> ReLU ->
-2x2 max pool; Flatten -> Linear 2048->256 -> ReLU) with the full softmax head
+Builds the default body (conv 32/64/128, each 3x3 pad 1 -> [batch norm] -> 2x2 max
+pool -> ReLU; Flatten -> Linear 2048->256 -> ReLU) with the full softmax head
 (Linear 256->100 + cross-entropy) in npsoftmax, and its identical twin in torch
 (``npsoftmax.torch_adapter.to_torch``: same layers, same initial weights,
 float32), and times
