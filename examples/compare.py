@@ -35,7 +35,7 @@ import sys
 import numpy as np
 
 from npsoftmax.checkpoint import load_checkpoint
-from npsoftmax.cli import EXIT_USAGE, HEAD_NAMES, build_parser, check_args, resolve_defaults, run
+from npsoftmax.cli import EXIT_USAGE, HEAD_NAMES, build_parser, check_args, run
 from npsoftmax.train import best_record
 
 TREES = ("superclass", "balanced", "huffman")
@@ -145,7 +145,6 @@ def main(argv=None):
                         help="add a row for each finished train_torch.py run in <runs-root>/<head>-torch")
     args = parser.parse_args(argv)
     args.softmax = "softmax"  # check_args validates every head's options
-    head_lr_scale = args.head_lr_scale  # None: each run's own default (it depends on the head and tree)
     try:
         check_args(args)
         default_heads = STUDY_HEADS if args.dataset == "cifar100" else HEAD_NAMES
@@ -164,8 +163,6 @@ def main(argv=None):
         one = copy.copy(args)
         one.softmax = head
         one.tree = tree or args.tree
-        one.head_lr_scale = head_lr_scale
-        resolve_defaults(one)
         one.run_dir = os.path.join(root, name)
         one.profile = None
         if args.jobs > 1:

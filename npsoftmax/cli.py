@@ -36,9 +36,6 @@ RUN_FILES = ("checkpoint.npz", "best.npz", "weights.npz", "history.json", "args.
 #: 6 subset epochs whatever its width, a 10-class tail 0.7. The tail stays full-rank
 #: (D // div_value = 64 >= 10 at D = 256).
 CIFAR100_CUTOFFS = (90,)
-#: --head-lr-scale for the superclass tree: chosen on CIFAR-100 validation
-#: (results/cifar100/hierarchical-validation.md); every other head and tree: 1.
-SUPERCLASS_HEAD_LR_SCALE = 0.2
 
 EPILOG = """\
 outputs: RUN_DIR (default runs/<dataset>-<head>) gets history.json, args.json, checkpoint.npz
@@ -120,10 +117,9 @@ def build_parser(description=None, *, single_run=True, torch=False):
     training.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     training.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
     training.add_argument("--weight-decay", type=float, default=5e-4)
-    training.add_argument("--head-lr-scale", type=float, default=None, metavar="S",
+    training.add_argument("--head-lr-scale", type=float, default=1.0, metavar="S",
                           help="the head's parameters learn at S times the scheduled lr (weight decay included, "
-                               "like a torch param group; default 1, and %(superclass)s for the superclass tree, "
-                               "chosen on validation)" % {"superclass": SUPERCLASS_HEAD_LR_SCALE})
+                               "like a torch param group; default 1)")
     training.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
                           help="learning-rate schedule (stepped every batch)")
     training.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length")
@@ -399,9 +395,6 @@ def resolve_defaults(args):
         args.samples = max(1, N_CLASSES[args.dataset] // 5)
     if args.val is None:
         args.val = 0 if digits else (5000 if args.subset is None else args.subset // 10)
-    if args.head_lr_scale is None:
-        superclass = args.softmax == "hierarchical" and args.tree == "superclass"
-        args.head_lr_scale = SUPERCLASS_HEAD_LR_SCALE if superclass else 1.0
     return args
 
 

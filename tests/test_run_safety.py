@@ -270,39 +270,3 @@ def test_compare_has_no_options_that_do_nothing(tmp_path, capsys):
         assert exit_info.value.code == 2, argv
         assert "usage:" in capsys.readouterr().err
 
-
-@pytest.mark.parametrize("argv, expected", [
-    (["--dataset", "cifar100", "--softmax", "hierarchical"], 0.2),        # the superclass tree (validated)
-    (["--dataset", "cifar100", "--softmax", "hierarchical", "--tree", "balanced"], 1.0),
-    (["--dataset", "cifar100", "--softmax", "softmax"], 1.0),
-    (["--dataset", "cifar100", "--softmax", "hierarchical", "--head-lr-scale", "1"], 1.0),
-])
-def test_head_lr_scale_default_is_chosen_per_tree(argv, expected):
-    from npsoftmax.cli import build_parser, check_args
-
-    args = build_parser().parse_args(argv)
-    check_args(args)  # resolves the defaults in place
-    assert args.head_lr_scale == expected
-
-
-def test_compare_gives_each_run_its_own_head_lr_scale_default(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "compare", os.path.join(os.path.dirname(__file__), "..", "examples", "compare.py"))
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    seen = {}
-
-    def fake_run(one):
-        seen[os.path.basename(one.run_dir)] = one.head_lr_scale
-        return 0
-
-    monkeypatch.setattr(compare, "run", fake_run)
-    monkeypatch.setattr(compare, "write_report", lambda *arguments: 0)
-    heads = ["--dataset", "cifar100", "--heads", "softmax,hierarchical-superclass,hierarchical-balanced",
-             "--runs-root", str(tmp_path)]
-    assert compare.main(heads) == 0
-    assert seen == {"softmax": 1.0, "hierarchical-superclass": 0.2, "hierarchical-balanced": 1.0}
-    assert compare.main(heads + ["--head-lr-scale", "0.5"]) == 0
-    assert set(seen.values()) == {0.5}
