@@ -4,7 +4,7 @@
     python benchmarks/bench_heads.py --quick      # K = 100 ... 10,000, a few seconds
     python benchmarks/bench_heads.py --search     # exact tree decoding: best-first search vs full predict
     python benchmarks/bench_heads.py --search --search-classes 100000 --train-steps 100  # smaller
-    python benchmarks/bench_heads.py --threads 1  # limit BLAS threads (threadpoolctl)
+    python benchmarks/bench_heads.py --threads 1  # npsoftmax.parallel.set_threads(1), as train_np.py --threads 1
     python benchmarks/bench_heads.py --statistic min  # fastest step instead of the median
     python benchmarks/bench_heads.py --versus-torch --threads 1,2 --classes 100000,1000000 --save
                                                   # beside torch, each head alone in a process (~5-10 min)
@@ -41,7 +41,9 @@ Zipf labels, adaptive cutoffs ``--cutoffs`` (2000,10000,50000) and ``--div-value
 sides, forward + backward (torch: the features require grad, gradients set to None every
 step). Like ``bench_train.py`` it uses ``benchmarks/_processes.py``: every figure comes from
 fresh worker processes, ``bench_heads.py --worker HEAD``, one head each, with the thread
-counts in their environment (and ``torch.set_num_threads``); per K and round, every thread
+counts in their environment (and ``torch.set_num_threads``; the npsoftmax worker calls
+``npsoftmax.parallel.set_threads``, as ``train_np.py --threads`` does: single-threaded BLAS and
+npsoftmax's own pool, which splits the heads' large products and softmaxes into blocks); per K and round, every thread
 count in turn runs one process per head, so the heads and the thread counts alternate. A torch
 head gets the weights of the npsoftmax head built from the same seed
 (``npsoftmax.torch_adapter.to_torch``); if the adaptive (or full softmax) twins' first-step
@@ -151,7 +153,8 @@ def thread_report(threads):
     except ImportError:
         lines.append("  (threadpoolctl not installed: BLAS thread count unknown)")
     if threads is not None:
-        lines.append(f"  limited to {threads} BLAS thread(s) for this run (--threads)")
+        lines.append(f"  --threads {threads}: npsoftmax.parallel.set_threads({threads}) (BLAS single-threaded, "
+                     f"{'a pool of ' + str(threads) + ' threads' if threads > 1 else 'no pool'})")
     return "\n".join(lines)
 
 
@@ -397,6 +400,9 @@ def versus_worker(args):
 
     if side == "npsoftmax":
         omp_wait_policy = os.environ.get("OMP_WAIT_POLICY")  # npsoftmax's own default, set on import
+        from npsoftmax.parallel import set_threads
+
+        set_threads(threads)  # as train_np.py --threads does: BLAS single-threaded, npsoftmax's pool
     from npsoftmax.timing import interleaved_samples, thread_report
 
     versions.update(numpy=np.__version__, npsoftmax=npsoftmax.__version__)
@@ -667,7 +673,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K up to 10,000 and fewer repeats")
     parser.add_argument("--threads", type=int_list, default=None,
-                        help="limit BLAS threads (one count); with --versus-torch a list, e.g. 1,2 (default 1,2)")
+                        help="npsoftmax.parallel.set_threads(N) (one count); with --versus-torch a list, e.g. 1,2 (default 1,2)")
     parser.add_argument("--no-million", action="store_true", help="skip the K = 1,000,000 row")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("bench_heads.png"),
                         help="where to save the log-log plot (default: benchmarks/bench_heads.png)")
@@ -754,15 +760,12 @@ def main(argv=None):
     import npsoftmax.heads  # noqa: F401  (OpenBLAS and OpenMP load before the limit, so it reaches them)
 
     if args.search:
-        limiter = None
         if threads is not None:
-            from threadpoolctl import threadpool_limits
-            limiter = threadpool_limits(threads)
+            from npsoftmax.parallel import set_threads
+
+            set_threads(threads)
         print(thread_report(threads))
-        rows = search_benchmark(args)
-        if limiter is not None:
-            limiter.restore_original_limits()
-        return rows
+        return search_benchmark(args)
     return run_sweep(args, threads)
 
 
@@ -778,10 +781,10 @@ def run_sweep(args, threads):
         if not args.no_million:
             plan.append((1_000_000, ["hierarchical", "hierarchical-huffman", "sampled"], 6))
 
-    limiter = None
     if threads is not None:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(threads)
+        from npsoftmax.parallel import set_threads
+
+        set_threads(threads)  # as train_np.py --threads does: BLAS single-threaded, npsoftmax's pool
     print(thread_report(threads))
     print(f"B={BATCH}, D={FEATURES}, float32, Zipf labels p(k) ~ 1/(k+1)\n")
 
@@ -813,8 +816,6 @@ def run_sweep(args, threads):
     print()
     print(check_targets(results))
     plot(results, sizes, args.out)
-    if limiter is not None:
-        limiter.restore_original_limits()
     return results
 
 

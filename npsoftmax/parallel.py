@@ -1,4 +1,5 @@
-"""npsoftmax's own threads: the batch of a convolution split into chunks, one chunk per task.
+"""npsoftmax's own threads: the batch of a convolution split into chunks, one chunk per task
+(and the heads' large products and softmaxes split into blocks).
 
 How many threads a training step uses is set here, once per process, by
 :func:`set_threads` (the CLI's ``--threads``; the benchmarks call it too)::
@@ -17,6 +18,11 @@ worker takes the next chunk from a queue, computes it with single-threaded kerne
 (im2col, GEMM, col2im) and sleeps in the queue when none is left. A worker that loses its
 core delays only the chunk it holds, and nothing spins.
 
+The softmax heads use the same pool through :func:`matmul` (a large product cut into one
+block per thread along its cheapest axis) and ``heads.softmax_functions.log_softmax_target``
+(one block of rows per thread); work under a few milliseconds stays on the calling thread,
+because waking a sleeping pool thread costs 0.1-1 ms.
+
 A chunk task must write only its own images' slice of shared outputs; a sum over the batch
 (the weight gradient) is returned per chunk and added in chunk order, so the result does
 not depend on which thread ran which chunk, nor on the thread count's scheduling.
@@ -29,13 +35,22 @@ import concurrent.futures
 import math
 import threading
 
+import numpy as np
+
 from .validation import check_int
 
-__all__ = ["set_threads", "get_threads", "chunk_size", "map_chunks", "CHUNKS_PER_THREAD"]
+__all__ = ["set_threads", "get_threads", "chunk_size", "block_size", "map_chunks", "matmul", "CHUNKS_PER_THREAD",
+           "MIN_PARALLEL_FLOPS"]
 
 #: A pool of n threads gets at least this many chunks per thread and layer, so that a
 #: thread that was descheduled hands its share to the others (dynamic scheduling).
 CHUNKS_PER_THREAD = 3
+
+#: A matrix product smaller than this many floating-point operations (2 M K N, ~134 MFLOP,
+#: about 2 ms on one core) runs as one call on the calling thread. Waking a sleeping pool
+#: thread costs 0.1-1 ms on a small VM (more when its core has gone idle between calls), so
+#: splitting the hierarchical head's ~50 MFLOP products made its 2-thread step 50% slower.
+MIN_PARALLEL_FLOPS = 1 << 27
 
 _lock = threading.Lock()
 _threads = 1
@@ -86,6 +101,17 @@ def chunk_size(n_items, largest):
     return max(1, min(largest, math.ceil(n_items / (CHUNKS_PER_THREAD * _threads))))
 
 
+def block_size(n_items):
+    """Items per block when work is cut into one block per thread (``n_items`` with no pool).
+
+    For the heads' products and softmaxes (``matmul``, ``heads.softmax_functions``): a GEMM
+    cut into more blocks repacks its shared operand once per block and every hand-off to the
+    pool costs ~0.1-0.2 ms on a small VM, so for work of a few milliseconds one block per
+    thread is faster than the conv layers' ``CHUNKS_PER_THREAD`` chunks per thread.
+    """
+    return max(1, math.ceil(n_items / _threads)) if _pool is not None else max(1, n_items)
+
+
 def map_chunks(task, n_items, size):
     """``[task(start, stop) for each chunk]`` over ``range(n_items)`` cut in chunks of ``size``.
 
@@ -100,3 +126,48 @@ def map_chunks(task, n_items, size):
     futures = [pool.submit(task, start, stop) for start, stop in bounds]
     concurrent.futures.wait(futures)
     return [future.result() for future in futures]
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` for 2-D ``a (M, K)`` and ``b (K, N)``, on the pool's threads when there is one.
+
+    The product is cut into one block per thread (``block_size``) along one of its three
+    axes, each block one single-threaded GEMM:
+
+    * rows:    ``out[r] = a[r] @ b``          every block reads all of ``b``;
+    * columns: ``out[:, c] = a @ b[:, c]``    every block reads all of ``a``;
+    * the sum: ``out = sum_k a[:, k] @ b[k]`` every block writes an (M, N) partial sum,
+      added in block order (the same answer whichever thread ran which block).
+
+    The axis chosen is the one whose extra memory traffic is smallest: re-reading ``b``
+    (K N per extra block), re-reading ``a`` (M K), or writing and adding the partial sums
+    (2 M N). For the heads' products that means: ``h @ W`` and ``h.T @ dz`` (N = classes,
+    huge) by columns, ``dz @ W.T`` (K = classes) by the sum. Without a pool, or for a
+    product under ``MIN_PARALLEL_FLOPS``, it is one ``np.matmul`` call.
+
+    BLAS is single-threaded under :func:`set_threads`; this is how the heads' large
+    products use the other threads. ``out``: optional C-contiguous (M, N) array of the
+    result dtype. Returns the (M, N) product.
+    """
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    M, K = a.shape
+    N = b.shape[1]
+    if _pool is None or 2 * M * K * N < MIN_PARALLEL_FLOPS:
+        return np.matmul(a, b, out=out)
+    extra_traffic = {"rows": K * N, "columns": M * K, "sum": 2 * M * N}
+    axis = min(extra_traffic, key=extra_traffic.get)
+    if axis == "rows":
+        def block(start, stop):
+            np.matmul(a[start:stop], b, out=out[start:stop])
+        map_chunks(block, M, block_size(M))
+    elif axis == "columns":
+        def block(start, stop):
+            np.matmul(a, b[:, start:stop], out=out[:, start:stop])
+        map_chunks(block, N, block_size(N))
+    else:
+        parts = map_chunks(lambda start, stop: a[:, start:stop] @ b[start:stop], K, block_size(K))
+        np.copyto(out, parts[0])
+        for part in parts[1:]:
+            out += part
+    return out

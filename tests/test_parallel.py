@@ -130,3 +130,115 @@ def test_set_threads_refuses_bad_counts(pool, value, error, message):
     with pytest.raises(error, match=message):
         parallel.set_threads(value)
     assert parallel.get_threads() == 1
+
+
+# ----------------------------------------------------------------------------
+# The heads' products and softmaxes on the pool (parallel.matmul, log_softmax_target)
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, axis_length", [
+    ((37, 5, 11), 37),    # re-reading b (5 x 11) is the cheapest: blocks of rows
+    ((3, 7, 41), 41),     # re-reading a (3 x 7): blocks of columns
+    ((1, 4, 9), 9),
+    ((6, 300, 4), 300),   # long sums, small output: blocks of the sum, added in order
+])
+def test_pooled_matmul_splits_the_cheapest_axis_and_gives_the_product(pool, rng, monkeypatch, shape, axis_length):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_FLOPS", 0)  # split even these small products
+    M, K, N = shape
+    a, b = random_array(rng, (M, K)), random_array(rng, (K, N))
+    expected = np.einsum("mk,kn->mn", a, b)
+    original = parallel.map_chunks
+    for threads in (2, 3):
+        pool(threads)
+        calls = []
+        monkeypatch.setattr(parallel, "map_chunks", lambda task, n, size: calls.append((n, size)) or
+                            original(task, n, size))
+        got = parallel.matmul(a, b)
+        monkeypatch.setattr(parallel, "map_chunks", original)
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+        assert calls == [(axis_length, -(-axis_length // threads))]  # one block per thread
+        # out= with transposed operands (the heads' h.T @ dlogits and dlogits @ W.T)
+        out = np.empty((N, M))
+        assert parallel.matmul(b.T, a.T, out=out) is out
+        np.testing.assert_allclose(out, expected.T, rtol=1e-13, atol=1e-13)
+
+
+def test_matmul_without_a_pool_or_below_the_threshold_is_one_call(pool, rng, monkeypatch):
+    a, b = random_array(rng, (6, 5)), random_array(rng, (5, 4))
+    calls = []
+    original = np.matmul
+    monkeypatch.setattr(parallel.np, "matmul", lambda x, y, out=None: calls.append(1) or original(x, y, out=out))
+    pool(1)
+    parallel.matmul(a, b)
+    pool(2)  # a pool, but 240 flops are far below MIN_PARALLEL_FLOPS
+    parallel.matmul(a, b)
+    assert calls == [1, 1]
+
+
+def reference_log_softmax_target(z, target, scale):
+    """Independent oracle: float64 log-probabilities from the definition, then the gradient formula."""
+    z = z.astype(np.float64)
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    rows = np.arange(len(z))
+    grad = np.exp(log_p) * scale[:, None]
+    grad[rows, target] -= scale
+    return log_p[rows, target], grad
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype, tolerance", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_log_softmax_target_in_row_blocks_matches_the_definition(pool, rng, monkeypatch, threads, dtype, tolerance):
+    from npsoftmax.heads import softmax_functions
+
+    monkeypatch.setattr(softmax_functions, "PARALLEL_MIN_LOGITS", 0)  # split these small matrices too
+    pool(threads)
+    n, k = 23, 17
+    z = (random_array(rng, (n, k)) * 5).astype(dtype)
+    z[3] += 1e3  # a row far from 0: the max shift keeps it exact
+    target = rng.integers(0, k, n)
+    scale = rng.uniform(0.1, 2.0, n)
+    picked, grad = softmax_functions.log_softmax_target(z, target, scale)
+    want_picked, want_grad = reference_log_softmax_target(z, target, scale)
+    assert picked.dtype == dtype and grad.dtype == dtype and grad.flags.c_contiguous
+    np.testing.assert_allclose(picked, want_picked, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(grad, want_grad, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("head_name", ["softmax", "adaptive"])
+def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, monkeypatch, head_name):
+    """Every product and softmax of the head split into blocks (thresholds 0), 3 threads:
+    loss and gradients equal the single-threaded ones and the numerical gradient."""
+    from npsoftmax.gradcheck import HEAD_TOLERANCE, gradient_errors
+    from npsoftmax.heads import AdaptiveSoftmaxHead, SoftmaxHead, softmax_functions
+
+    monkeypatch.setattr(softmax_functions, "PARALLEL_MIN_LOGITS", 0)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_FLOPS", 0)
+    n, d, k = 19, 9, 40
+
+    def build():
+        if head_name == "softmax":
+            return SoftmaxHead(d, k, rng=np.random.default_rng(5), dtype=np.float64)
+        return AdaptiveSoftmaxHead(d, k, rng=np.random.default_rng(5), dtype=np.float64, cutoffs=[6, 15, 30],
+                                   div_value=2.0)
+    h = random_array(rng, (n, d))
+    y = rng.integers(0, k, n)
+    y[:4] = [0, 10, 20, 35]  # the shortlist and every tail cluster
+    results = {}
+    for threads in (1, 3):
+        pool(threads)
+        head = build()
+        loss = head.forward(h, y)
+        dh = head.backward()
+        results[threads] = (loss, dh, {name: g.copy() for name, g in head.grads.items()})
+    loss1, dh1, grads1 = results[1]
+    loss3, dh3, grads3 = results[3]
+    assert loss3 == pytest.approx(loss1, rel=1e-13)
+    np.testing.assert_allclose(dh3, dh1, rtol=1e-12, atol=1e-13)
+    for name in grads1:
+        np.testing.assert_allclose(grads3[name], grads1[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    # The numerical gradient, with the pool running (3 threads).
+    head = build()
+    head.forward(h, y)
+    analytic = {"h": head.backward().copy(), **{name: g.copy() for name, g in head.grads.items()}}
+    errors = gradient_errors(lambda: head.forward(h, y), {"h": h, **head.params}, analytic)
+    assert max(errors.values()) < HEAD_TOLERANCE, errors

@@ -30,8 +30,9 @@ import numbers
 
 import numpy as np
 
+from .. import parallel
 from .base import Head, linear_weight
-from .softmax_functions import log_softmax
+from .softmax_functions import log_softmax, log_softmax_target
 
 
 def default_cutoffs(n_classes, in_features=None, div_value=4.0):
@@ -123,7 +124,7 @@ class AdaptiveSoftmaxHead(Head):
         self.last_output = None
 
     def _head_scores(self, h):
-        scores = h @ self.params["head_W"]
+        scores = parallel.matmul(h, self.params["head_W"])
         if self.head_bias:
             scores += self.params["head_b"]
         return scores
@@ -131,25 +132,21 @@ class AdaptiveSoftmaxHead(Head):
     def _tail_scores(self, h, i):
         """Cluster i's class scores (n, cluster_size) and the projection (n, hsz) they came from."""
         hidden = h @ self.params[f"tail{i}_proj"]
-        return hidden @ self.params[f"tail{i}_out"], hidden
+        return parallel.matmul(hidden, self.params[f"tail{i}_out"]), hidden
 
     def forward(self, h, y):
         """Mean NLL of ``y (N,)``; each tail cluster is evaluated only on its own targets."""
         h, y = self._check_batch(h, y)
-        n_samples = h.shape[0]
-        everyone = np.arange(n_samples)
         # a_i = 1/N, or w[y_i] / sum_j w[y_j]: the loss is -sum_i a_i output_i, and every
         # per-sample gradient is a_i times that of -output_i.
         sample_weight = self._sample_weights(y)
-        scale = sample_weight.astype(self.dtype)[:, None]
+        scale = sample_weight.astype(self.dtype)
         # 0 = shortlist, i + 1 = tail cluster i.
         cluster_of = np.searchsorted(self.cutoffs[:-1], y, side="right")
         head_target = np.where(cluster_of == 0, y, self.shortlist_size + cluster_of - 1)
-        head_log_prob = log_softmax(self._head_scores(h))
-        output = head_log_prob[everyone, head_target]
-        dhead = np.exp(head_log_prob)
-        dhead[everyone, head_target] -= 1
-        dhead *= scale
+        # output_i = log_softmax(head_i)[target], dhead_i = a_i (softmax(head_i) - onehot(target)):
+        # log_softmax_target computes both without forming the log-probabilities.
+        output, dhead = log_softmax_target(self._head_scores(h), head_target, scale)
         tails = []
         for i in range(self.n_clusters):
             members = np.flatnonzero(cluster_of == i + 1)
@@ -157,13 +154,9 @@ class AdaptiveSoftmaxHead(Head):
                 tails.append(None)
                 continue
             scores, hidden = self._tail_scores(h[members], i)
-            tail_log_prob = log_softmax(scores)
-            inside = np.arange(members.size)
             relative = y[members] - self.cutoffs[i]
-            output[members] += tail_log_prob[inside, relative]
-            dscores = np.exp(tail_log_prob)
-            dscores[inside, relative] -= 1
-            dscores *= scale[members]
+            tail_output, dscores = log_softmax_target(scores, relative, scale[members])
+            output[members] += tail_output
             tails.append((members, hidden, dscores))
         self.last_output = output
         self._cache = (h, dhead, tails)
@@ -174,10 +167,11 @@ class AdaptiveSoftmaxHead(Head):
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""
         h, dhead, tails = self._take_cache()
-        np.matmul(h.T, dhead, out=self.grads["head_W"])
+        # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
+        parallel.matmul(h.T, dhead, out=self.grads["head_W"])
         if self.head_bias:
             np.sum(dhead, axis=0, out=self.grads["head_b"])
-        dh = dhead @ self.params["head_W"].T
+        dh = parallel.matmul(dhead, self.params["head_W"].T)
         for i, tail in enumerate(tails):
             grad_proj, grad_out = self.grads[f"tail{i}_proj"], self.grads[f"tail{i}_out"]
             if tail is None:  # no target in this cluster: it did not enter the loss
@@ -185,8 +179,8 @@ class AdaptiveSoftmaxHead(Head):
                 grad_out[...] = 0
                 continue
             members, hidden, dscores = tail
-            np.matmul(hidden.T, dscores, out=grad_out)
-            dhidden = dscores @ self.params[f"tail{i}_out"].T
+            parallel.matmul(hidden.T, dscores, out=grad_out)
+            dhidden = parallel.matmul(dscores, self.params[f"tail{i}_out"].T)
             np.matmul(h[members].T, dhidden, out=grad_proj)
             dh[members] += dhidden @ self.params[f"tail{i}_proj"].T
         return dh

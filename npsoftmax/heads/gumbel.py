@@ -30,6 +30,7 @@ import numbers
 
 import numpy as np
 
+from .. import parallel
 from .base import check_dtype, check_generator
 from .softmax import SoftmaxHead
 from .softmax_functions import softmax
@@ -194,7 +195,7 @@ class GumbelSoftmaxHead(SoftmaxHead):
                 raise ValueError("noise is only used in training mode; this head is in eval mode")
             return super().forward(h, y)  # the noise-free NLL of softmax(z)
         h, y = self._check_batch(h, y)
-        logits = h @ self.params["W"] + self.params["b"]
+        logits = parallel.matmul(h, self.params["W"]) + self.params["b"]
         if noise is None:
             noise = sample_gumbel(logits.shape, self.rng, self.dtype)
         else:

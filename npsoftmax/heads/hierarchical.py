@@ -68,6 +68,7 @@ import heapq
 
 import numpy as np
 
+from .. import parallel
 from .base import RowSparseHead, linear_weight
 from .trees import Tree, balanced_tree, huffman_tree, tree_from_groups
 
@@ -219,7 +220,7 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         # pick the entries; BLAS is ~16x faster per dot product than gathering (C, D)
         # copies. Large trees (U ~ C): gather only the C needed pairs.
         if n_samples * rows.size <= _GEMM_SCORE_FACTOR * row.size:
-            scores = (h @ weight_rows.T)[choice_sample, inverse]
+            scores = parallel.matmul(h, weight_rows.T)[choice_sample, inverse]
         else:
             scores = np.einsum("cd,cd->c", weight_rows[inverse], h[choice_sample])
         scores += self.params["node_b"][rows][inverse]
@@ -253,8 +254,9 @@ class HierarchicalSoftmaxHead(RowSparseHead):
             score_matrix = np.bincount(choice_sample * n_rows + inverse, weights=dscores,
                                        minlength=n_samples * n_rows)
             score_matrix = score_matrix.reshape(n_samples, n_rows).astype(self.dtype)
-            dh = score_matrix @ weight_rows
-            dweight_rows = score_matrix.T @ h
+            # (On the thread pool when there is one: npsoftmax.parallel.matmul.)
+            dh = parallel.matmul(score_matrix, weight_rows)
+            dweight_rows = parallel.matmul(score_matrix.T, h)
             dbias_rows = score_matrix.sum(axis=0)
         else:  # a huge batch: A would be big and mostly zeros, so scatter the (C, D) terms
             dh = np.zeros_like(h)

@@ -15,6 +15,8 @@ Every step costs O(N D K): the baseline the hierarchical and adaptive heads beat
 
 import numpy as np
 
+from .. import parallel
+
 from .base import Head, linear_weight
 from .softmax_functions import log_softmax, softmax_cross_entropy
 
@@ -47,12 +49,14 @@ class SoftmaxHead(Head):
     def logits(self, h):
         """Class scores ``z = h W + b`` (N, K) for features ``h (N, D)``."""
         h = self._check_features(h)
-        return h @ self.params["W"] + self.params["b"]
+        return parallel.matmul(h, self.params["W"]) + self.params["b"]
 
     def forward(self, h, y):
         """Mean cross-entropy of ``y (N,)`` under softmax(h W + b); caches for ``backward``."""
         h, y = self._check_batch(h, y)
-        loss, dlogits = self._cross_entropy(h @ self.params["W"] + self.params["b"], y)
+        logits = parallel.matmul(h, self.params["W"])
+        logits += self.params["b"]
+        loss, dlogits = self._cross_entropy(logits, y)
         self._cache = (h, dlogits)
         return loss
 
@@ -64,9 +68,10 @@ class SoftmaxHead(Head):
     def backward(self):
         """Returns ``dh (N, D)`` and writes ``grads["W"]``, ``grads["b"]`` in place."""
         h, dlogits = self._take_cache()
-        np.matmul(h.T, dlogits, out=self.grads["W"])
+        # The products run on the thread pool when there is one (npsoftmax.parallel.matmul).
+        parallel.matmul(h.T, dlogits, out=self.grads["W"])
         np.sum(dlogits, axis=0, out=self.grads["b"])
-        return dlogits @ self.params["W"].T
+        return parallel.matmul(dlogits, self.params["W"].T)
 
     def log_prob(self, h):
         """``log_softmax(h W + b)`` (N, K)."""

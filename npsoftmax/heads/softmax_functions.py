@@ -12,7 +12,13 @@ All functions keep the input's floating dtype (float32 stays float32).
 
 import numpy as np
 
+from .. import parallel
 from .base import check_class_weights, check_label_smoothing, check_labels
+
+#: log_softmax_target splits its rows across the thread pool (npsoftmax.parallel) from this
+#: many logits on (~4 ms of work on one core); below it the whole matrix is one task on the
+#: calling thread, as waking a pool thread costs 0.1-1 ms.
+PARALLEL_MIN_LOGITS = 1 << 21
 
 
 def _check_logits(logits, name="logits"):
@@ -67,6 +73,59 @@ def softmax(logits, axis=-1):
     return shifted
 
 
+def log_softmax_target(logits, target, row_scale):
+    """Each row's log-probability of its target, and the gradient of the scaled loss, in one go.
+
+    For every row i of ``z = logits`` with target ``t_i`` and weight ``a_i = row_scale[i]``::
+
+        picked_i = log softmax(z_i)[t_i] = (z_i[t_i] - m_i) - log(sum_k exp(z_ik - m_i))
+        grad_i   = a_i * (softmax(z_i) - onehot(t_i))     = d(-sum_i a_i picked_i) / dz_i
+
+    (``m_i`` the row max, as in ``log_softmax``). This is the training path of every
+    softmax-like loss here: ``softmax_cross_entropy`` (``a_i = 1/N``) and the adaptive
+    head's head and tail softmaxes. It never forms the (N, K) log-probabilities: the
+    gradient buffer holds ``z - m``, then ``exp(z - m)``, then the gradient, in place
+    (5 passes over the matrix instead of about 12 for log_softmax, exp, subtract, divide),
+    and rows are independent, so a large matrix is split into one block of rows per
+    thread of the pool (``npsoftmax.parallel.block_size``).
+
+    Args:
+        logits: (N, K) float array.
+        target: (N,) int array of column indices in [0, K) (not checked here: the caller's labels are).
+        row_scale: (N,) weights a_i (1/N for a plain mean).
+
+    Returns:
+        picked: (N,) array, dtype of logits.
+        grad: (N, K) C-contiguous array, dtype of logits.
+    """
+    logits = _check_logits(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
+    n_rows, n_classes = logits.shape
+    row_scale = np.asarray(row_scale, dtype=logits.dtype)
+    picked = np.empty(n_rows, dtype=logits.dtype)
+    grad = np.empty((n_rows, n_classes), dtype=logits.dtype)
+
+    def rows(start, stop):
+        z, g, t = logits[start:stop], grad[start:stop], target[start:stop]
+        inside = np.arange(stop - start)
+        shift = np.max(z, axis=1, keepdims=True)
+        shift = np.where(np.isfinite(shift), shift, 0).astype(z.dtype, copy=False)
+        np.subtract(z, shift, out=g)          # z - m: every entry <= 0
+        shifted_target = g[inside, t]         # z_t - m
+        np.exp(g, out=g)                      # exp(z - m): the largest is 1, so the sum is >= 1
+        total = np.sum(g, axis=1)
+        with np.errstate(divide="ignore"):
+            picked[start:stop] = shifted_target - np.log(total)
+        scale = row_scale[start:stop]
+        g *= (scale / total)[:, None]         # a_i * softmax(z_i)
+        g[inside, t] -= scale                 # - a_i * onehot(t_i)
+
+    block = n_rows if logits.size < PARALLEL_MIN_LOGITS else parallel.block_size(n_rows)
+    parallel.map_chunks(rows, n_rows, block)
+    return picked, grad
+
+
 def softmax_cross_entropy(logits, y, *, class_weights=None, label_smoothing=0.0):
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
@@ -110,14 +169,11 @@ def softmax_cross_entropy(logits, y, *, class_weights=None, label_smoothing=0.0)
     y = check_labels(y, n_samples, n_classes)
     class_weights = check_class_weights(class_weights, n_classes)
     eps = check_label_smoothing(label_smoothing)
+    if class_weights is None and eps == 0.0:  # the plain mean: the common, fastest path
+        picked, dlogits = log_softmax_target(logits, y, np.full(n_samples, 1.0 / n_samples))
+        return -float(np.mean(picked, dtype=np.float64)), dlogits
     rows = np.arange(n_samples)
     log_probs = log_softmax(logits)
-    if class_weights is None and eps == 0.0:  # the plain mean: the common, fastest path
-        loss = -float(np.mean(log_probs[rows, y], dtype=np.float64))
-        dlogits = np.exp(log_probs)
-        dlogits[rows, y] -= 1
-        dlogits /= n_samples
-        return loss, dlogits
     label_weight = np.ones(n_samples) if class_weights is None else class_weights[y]
     total = label_weight.sum()  # S
     if total <= 0:
