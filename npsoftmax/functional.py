@@ -187,7 +187,7 @@ def relu_forward(x):
     Returns ``(out, cache)`` with ``out`` of the shape and dtype of ``x``.
     """
     check_array("x", x)
-    return np.maximum(x, 0), x
+    return np.maximum(x, 0, out=kernels.empty(x.shape, x.dtype)), x
 
 
 def relu_backward(dout, cache):
@@ -272,9 +272,9 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
     x = np.ascontiguousarray(x)
     chunk = parallel.chunk_size(N, _images_per_chunk(N, P, w[0].size, x.itemsize))
     if keep_cols:
-        cols = np.empty((w[0].size, N * P), dtype=x.dtype) if cols_out is None else cols_out
+        cols = kernels.empty((w[0].size, N * P), x.dtype) if cols_out is None else cols_out
     w_rows = w.reshape(F, -1)
-    out = np.empty((N, F, OH, OW), dtype=x.dtype)
+    out = kernels.empty((N, F, OH, OW), x.dtype)  # page-aligned: see kernels.empty
 
     # cols[(c*KH + i)*KW + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*stride + i, ow*stride + j]
     # and the whole convolution is one GEMM: out_rows (F, N*P) = w_rows (F, C*KH*KW) @ cols.
@@ -286,11 +286,11 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
         if keep_cols:
             columns = cols[:, start * P : stop * P]
         else:  # inference: this chunk's columns only, dropped after its GEMM
-            columns = np.empty((w[0].size, images * P), dtype=x.dtype)
+            columns = kernels.empty((w[0].size, images * P), x.dtype)
         with section("im2col"):
             im2col(x[start:stop], KH, KW, stride, pad, out=columns)
         with section("conv GEMM"):
-            out_rows = w_rows @ columns
+            out_rows = np.matmul(w_rows, columns, out=kernels.empty((F, images * P), x.dtype))
         # Columns are ordered (n, oh, ow): out_rows is (F, images, OH*OW); move F after n
         # (and add the bias on the way, instead of a separate pass over the output).
         kernels.swap_leading_axes(out_rows.reshape(F, images, P), out[start:stop].reshape(images, F, P), b)
@@ -328,7 +328,7 @@ def conv_backward(dout, cache, *, input_gradient=True):
     check_bool(input_gradient, "input_gradient")
     dout = np.ascontiguousarray(dout)
     w_rows = w.reshape(F, -1)
-    dx = np.empty(x_shape, dtype=w.dtype) if input_gradient else None
+    dx = kernels.empty(x_shape, w.dtype) if input_gradient else None
 
     # out_rows = w_rows @ cols + b, so
     #   dw_rows = dout_rows @ cols^T  (a sum over all columns: one partial sum per chunk),
@@ -340,10 +340,10 @@ def conv_backward(dout, cache, *, input_gradient=True):
     def backward_chunk(start, stop):
         images = stop - start
         # Undo the output layout: rows f, columns (n, oh, ow), matching out_rows in the forward pass.
-        dout_rows = np.empty((F, images * P), dtype=dout.dtype)
+        dout_rows = kernels.empty((F, images * P), dout.dtype)
         kernels.swap_leading_axes(dout[start:stop].reshape(images, F, P), dout_rows.reshape(F, images, P))
         if cols is None:  # the forward pass kept x instead of the columns: recompute them
-            columns = np.empty((w[0].size, images * P), dtype=w.dtype)
+            columns = kernels.empty((w[0].size, images * P), w.dtype)
             with section("im2col"):
                 im2col(x[start:stop], KH, KW, stride, pad, out=columns)
         else:
@@ -351,7 +351,8 @@ def conv_backward(dout, cache, *, input_gradient=True):
         with section("conv GEMM"):
             # (columns.T is a transposed view: BLAS reads it in place, nothing is copied.)
             dw_part = dout_rows @ columns.T
-            dcols = w_rows.T @ dout_rows if input_gradient else None
+            dcols = (np.matmul(w_rows.T, dout_rows, out=kernels.empty((w[0].size, images * P), w.dtype))
+                     if input_gradient else None)
         if input_gradient:
             # col2im is the adjoint of im2col: it adds each column entry back to the pixel
             # it was copied from, so a pixel seen by several windows sums their gradients.

@@ -103,6 +103,37 @@ def check_window_arguments(x_shape, kernel_height, kernel_width, stride, pad):
     )
 
 
+#: Arrays of at least this many bytes made by :func:`empty` start on a page boundary.
+ALIGN_MIN_BYTES = 1 << 20
+_PAGE_BYTES = 4096
+
+
+def empty(shape, dtype):
+    """``np.empty(shape, dtype)``, except that an array of ``ALIGN_MIN_BYTES`` or more starts
+    on a 4096-byte page boundary.
+
+    Why: ``malloc`` starts every large block 16 bytes past a page boundary, so two arrays
+    of one size allocated one after the other are ``size + 16`` bytes apart. When a
+    streaming kernel (``out[i] = f(x[i])``) writes an output that lies 16 to ~100 bytes
+    *ahead* of its input modulo 1 MiB, this CPU stalls: the batch-norm normalisation of a
+    (128, 32, 32, 32) float32 batch took 12.9 ms instead of 2.6 with the output 16 MiB + 16
+    bytes after the input, 6.8 ms at + 32, 4.2 at + 64, 2.6 at + 0 or with the output
+    behind the input (measured; the same happened inside the model, where the conv output
+    and the next layer's output were allocated that way). Every large output the kernels
+    and the conv layer write comes from here: page-aligned outputs are 0 bytes apart from
+    each other modulo a page, and 16 bytes *behind* NumPy's own arrays.
+    Returns a C-contiguous writable array (a view of a slightly larger byte buffer).
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if nbytes < ALIGN_MIN_BYTES:
+        return np.empty(shape, dtype=dtype)
+    raw = np.empty(nbytes + _PAGE_BYTES, dtype=np.uint8)
+    start = -raw.ctypes.data % _PAGE_BYTES
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _check_float_array(name, array):
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
@@ -285,8 +316,8 @@ def max_pool_tiled_forward(x, size):
         raise ValueError(f"size={size} does not tile the spatial size {(H, W)} of x shape {x.shape}")
     if _extension is None:
         return max_pool_tiled_forward_numpy(x, size)
-    out = np.empty((N, C, H // size, W // size), dtype=x.dtype)
-    argmax = np.empty(out.shape, dtype=np.int32)
+    out = empty((N, C, H // size, W // size), x.dtype)
+    argmax = empty(out.shape, np.int32)
     _extension.max_pool_tiled_forward(_planes(x), size, _planes(out), _planes(argmax))
     return out, argmax
 
@@ -303,7 +334,7 @@ def max_pool_tiled_backward(dout, argmax, size):
     if _extension is None:
         return max_pool_tiled_backward_numpy(dout, argmax, size)
     N, C, OH, OW = dout.shape
-    dx = np.empty((N, C, OH * size, OW * size), dtype=dout.dtype)  # every element is written once
+    dx = empty((N, C, OH * size, OW * size), dout.dtype)  # every element is written once
     _extension.max_pool_tiled_backward(_planes(dout), _planes(argmax.astype(np.int32, copy=False)), size,
                                        _planes(dx))
     return dx
@@ -313,7 +344,7 @@ def relu_backward(dout, x):
     """``dx = dout where x > 0 else 0`` for arrays of one shape and dtype (any shape)."""
     if _extension is None or dout.dtype != x.dtype or dout.dtype not in FLOAT_DTYPES:
         return np.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = empty(x.shape, x.dtype)
     _extension.relu_backward(np.ascontiguousarray(dout).reshape(-1), np.ascontiguousarray(x).reshape(-1),
                              dx.reshape(-1))
     return dx
@@ -366,7 +397,7 @@ def batchnorm_normalize(x, mean, inv_std, gamma, beta):
     _check_float_array("x", x)
     if _extension is None:
         return batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = empty(x.shape, x.dtype)
     _extension.batchnorm_normalize(_channels(x), mean, inv_std, gamma, beta, _channels(out))
     return out
 
@@ -400,7 +431,7 @@ def batchnorm_backward(dout, x, mean, inv_std, gamma, training):
     if _extension is None:
         return batchnorm_backward_numpy(dout, x, mean, inv_std, gamma, training)
     C = dout.shape[1]
-    dx = np.empty(dout.shape, dtype=dout.dtype)
+    dx = empty(dout.shape, dout.dtype)
     dgamma = np.empty(C, dtype=dout.dtype)
     dbeta = np.empty(C, dtype=dout.dtype)
     _extension.batchnorm_backward(_channels(dout), _channels(x), mean, inv_std, gamma, bool(training),

@@ -26,6 +26,7 @@ import numbers
 import numpy as np
 
 from . import functional as F
+from . import kernels
 from .validation import check_bool, check_dtype, check_generator, check_int
 
 __all__ = [
@@ -168,7 +169,7 @@ class Conv2d(Module):
         shape = (self.in_channels * KH * KW, N * OH * OW)
         buffer = self._buffers.get("cols")
         if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype:
-            buffer = self._buffers["cols"] = np.empty(shape, dtype=x.dtype)
+            buffer = self._buffers["cols"] = kernels.empty(shape, x.dtype)
         return buffer
 
     def forward(self, x):

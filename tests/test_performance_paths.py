@@ -503,3 +503,32 @@ def test_profiler_counts_steps_by_hand_without_an_optimizer(rng):
     assert profiler.steps == 3
     assert profiler.times[("0: Conv2d", "forward")] > 0 and profiler.times[("0: Conv2d", "backward")] == 0
     assert "per-layer profile" in profiler.table()
+
+
+@pytest.mark.parametrize("shape, dtype", [((128, 32, 32, 32), np.float32), ((300, 1001), np.float64),
+                                          ((7, 5), np.float32), (3, np.int32)])
+def test_empty_gives_page_aligned_large_arrays_and_plain_small_ones(shape, dtype):
+    a = kernels.empty(shape, dtype)
+    expected_shape = shape if isinstance(shape, tuple) else (shape,)
+    assert a.shape == expected_shape and a.dtype == dtype
+    assert a.flags.c_contiguous and a.flags.writeable
+    if a.nbytes >= kernels.ALIGN_MIN_BYTES:
+        assert a.ctypes.data % 4096 == 0
+    a[...] = 7  # the whole array is usable memory
+    assert np.all(a == 7)
+
+
+def test_large_kernel_and_conv_outputs_are_page_aligned(rng):
+    """The outputs the streaming kernels write start on a page (see kernels.empty)."""
+    x = rng.standard_normal((64, 16, 32, 32)).astype(np.float32)  # 4 MiB
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    out, cache = F.conv_forward(x, w, None, pad=1)
+    normalized, bn_cache = F.spatial_batchnorm_forward(out, np.ones(16, np.float32), np.zeros(16, np.float32),
+                                                     np.zeros(16, np.float32), np.ones(16, np.float32))
+    dx, _, _ = F.spatial_batchnorm_backward(rng.standard_normal(out.shape).astype(np.float32), bn_cache)
+    pooled, _ = F.max_pool_forward(normalized)
+    relu, _ = F.relu_forward(normalized)
+    conv_dx, _, _ = F.conv_backward(out, cache)
+    for name, array in [("conv out", out), ("bn out", normalized), ("bn dx", dx), ("pool out", pooled),
+                        ("relu out", relu), ("conv dx", conv_dx)]:
+        assert array.ctypes.data % 4096 == 0, name
