@@ -39,8 +39,8 @@ import numpy as np
 
 from .validation import check_int
 
-__all__ = ["set_threads", "get_threads", "chunk_size", "block_size", "map_chunks", "matmul", "CHUNKS_PER_THREAD",
-           "MIN_PARALLEL_FLOPS"]
+__all__ = ["set_threads", "get_threads", "chunk_size", "block_size", "map_chunks", "run_concurrently", "matmul",
+           "CHUNKS_PER_THREAD", "MIN_PARALLEL_FLOPS"]
 
 #: A pool of n threads gets at least this many chunks per thread and layer, so that a
 #: thread that was descheduled hands its share to the others (dynamic scheduling).
@@ -57,11 +57,17 @@ _threads = 1
 _pool = None
 
 
+#: ``_local.in_pool`` is True on the pool's own threads.
+_local = threading.local()
+
+
 def _single_threaded_worker():
-    """Pool-thread initialiser: this thread's OpenMP regions use one thread (the ICV is per thread)."""
+    """Pool-thread initialiser: this thread's OpenMP regions use one thread (the ICV is per thread),
+    and work it splits with :func:`map_chunks` runs inline (a pool task never waits on the pool)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="openmp")
+    _local.in_pool = True
 
 
 def set_threads(threads):
@@ -116,16 +122,37 @@ def map_chunks(task, n_items, size):
     """``[task(start, stop) for each chunk]`` over ``range(n_items)`` cut in chunks of ``size``.
 
     Results come back in chunk order. With a pool the tasks run on its threads (the caller
-    waits); otherwise, or for a single chunk, on the calling thread. An exception in a task
+    waits); otherwise, for a single chunk, or when called from a pool thread (nested work:
+    the threads are busy already, and a pool task waiting on the pool could deadlock it), on
+    the calling thread. An exception in a task
     is raised here after every task has finished (no chunk is left running).
     """
     bounds = [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
     pool = _pool
-    if pool is None or len(bounds) == 1:
+    if pool is None or len(bounds) == 1 or getattr(_local, "in_pool", False):
         return [task(start, stop) for start, stop in bounds]
     futures = [pool.submit(task, start, stop) for start, stop in bounds]
     concurrent.futures.wait(futures)
     return [future.result() for future in futures]
+
+
+def run_concurrently(*tasks):
+    """``[task() for task in tasks]``, the first on the calling thread and the others on the pool
+    at the same time (all on the calling thread without a pool, or from a pool thread).
+
+    For independent branches of one computation, e.g. the adaptive head's head softmax and its
+    tail clusters: one hand-off to the pool instead of one per product. Results come back in
+    the order of ``tasks``; an exception in any task is raised after all have finished.
+    """
+    pool = _pool
+    if pool is None or len(tasks) < 2 or getattr(_local, "in_pool", False):
+        return [task() for task in tasks]
+    futures = [pool.submit(task) for task in tasks[1:]]
+    try:
+        first = tasks[0]()
+    finally:
+        concurrent.futures.wait(futures)
+    return [first] + [future.result() for future in futures]
 
 
 def matmul(a, b, out=None):

@@ -204,15 +204,24 @@ def test_log_softmax_target_in_row_blocks_matches_the_definition(pool, rng, monk
     np.testing.assert_allclose(grad, want_grad, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("head_name", ["softmax", "adaptive"])
-def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, monkeypatch, head_name):
-    """Every product and softmax of the head split into blocks (thresholds 0), 3 threads:
-    loss and gradients equal the single-threaded ones and the numerical gradient."""
+@pytest.mark.parametrize("head_name, split", [("softmax", "products"), ("adaptive", "products"),
+                                              ("adaptive", "branches")])
+def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, monkeypatch, head_name, split):
+    """3 threads, with every product and softmax of the head split into blocks ("products",
+    thresholds 0), or the adaptive head's head and tails run side by side ("branches"): loss
+    and gradients equal the single-threaded ones and the numerical gradient."""
     from npsoftmax.gradcheck import HEAD_TOLERANCE, gradient_errors
-    from npsoftmax.heads import AdaptiveSoftmaxHead, SoftmaxHead, softmax_functions
+    from npsoftmax.heads import AdaptiveSoftmaxHead, SoftmaxHead, adaptive, softmax_functions
 
-    monkeypatch.setattr(softmax_functions, "PARALLEL_MIN_LOGITS", 0)
-    monkeypatch.setattr(parallel, "MIN_PARALLEL_FLOPS", 0)
+    concurrent_calls = []
+    if split == "products":
+        monkeypatch.setattr(softmax_functions, "PARALLEL_MIN_LOGITS", 0)
+        monkeypatch.setattr(parallel, "MIN_PARALLEL_FLOPS", 0)
+    else:
+        monkeypatch.setattr(adaptive, "CONCURRENT_MIN_FLOPS", 0)
+        original = parallel.run_concurrently
+        monkeypatch.setattr(parallel, "run_concurrently",
+                            lambda *tasks: concurrent_calls.append(parallel.get_threads()) or original(*tasks))
     n, d, k = 19, 9, 40
 
     def build():
@@ -230,6 +239,8 @@ def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, m
         loss = head.forward(h, y)
         dh = head.backward()
         results[threads] = (loss, dh, {name: g.copy() for name, g in head.grads.items()})
+    # forward and backward, at 1 thread (in turn) and at 3 (side by side)
+    assert concurrent_calls == ([1, 1, 3, 3] if split == "branches" else [])
     loss1, dh1, grads1 = results[1]
     loss3, dh3, grads3 = results[3]
     assert loss3 == pytest.approx(loss1, rel=1e-13)
@@ -242,3 +253,42 @@ def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, m
     analytic = {"h": head.backward().copy(), **{name: g.copy() for name, g in head.grads.items()}}
     errors = gradient_errors(lambda: head.forward(h, y), {"h": h, **head.params}, analytic)
     assert max(errors.values()) < HEAD_TOLERANCE, errors
+
+
+def test_run_concurrently_returns_in_order_runs_on_the_pool_and_raises_after_all(pool):
+    pool(2)
+    caller = threading.current_thread().name
+    finished = []
+
+    def named(value):
+        def task():
+            finished.append(value)
+            return value, threading.current_thread().name
+        return task
+    results = parallel.run_concurrently(named("a"), named("b"), named("c"))
+    assert [value for value, _ in results] == ["a", "b", "c"]
+    assert results[0][1] == caller  # the first task runs on the calling thread
+    assert all(name.startswith("npsoftmax-chunk") for _, name in results[1:])
+
+    finished.clear()
+
+    def failing():
+        raise RuntimeError("branch failed")
+    with pytest.raises(RuntimeError, match="branch failed"):
+        parallel.run_concurrently(failing, named("late"))
+    assert finished == ["late"]  # the other branch ran to the end before the error surfaced
+    pool(1)
+    assert [value for value, _ in parallel.run_concurrently(named("x"), named("y"))] == ["x", "y"]
+
+
+def test_work_split_inside_a_pool_task_runs_inline(pool):
+    """A pool task that splits work (map_chunks, matmul) does it on its own thread: it never waits
+    on the pool it runs in (which could deadlock it)."""
+    pool(2)
+
+    def outer():
+        names = parallel.map_chunks(lambda start, stop: threading.current_thread().name, 10, 1)
+        return threading.current_thread().name, names
+    _, (worker, inner_names) = parallel.run_concurrently(lambda: None, outer)
+    assert worker.startswith("npsoftmax-chunk")
+    assert inner_names == [worker] * 10

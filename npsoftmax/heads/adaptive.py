@@ -32,7 +32,13 @@ import numpy as np
 
 from .. import parallel
 from .base import Head, linear_weight
+from . import softmax_functions
 from .softmax_functions import log_softmax, log_softmax_target
+
+#: The head softmax and the tail clusters run at the same time on the thread pool (forward and
+#: backward) when each side has at least this many flops of products (~0.3 ms on one core):
+#: waking a pool thread costs 0.1-1 ms, which a small head (CIFAR-100's) would not repay.
+CONCURRENT_MIN_FLOPS = 1 << 24
 
 
 def default_cutoffs(n_classes, in_features=None, div_value=4.0):
@@ -144,20 +150,31 @@ class AdaptiveSoftmaxHead(Head):
         # 0 = shortlist, i + 1 = tail cluster i.
         cluster_of = np.searchsorted(self.cutoffs[:-1], y, side="right")
         head_target = np.where(cluster_of == 0, y, self.shortlist_size + cluster_of - 1)
-        # output_i = log_softmax(head_i)[target], dhead_i = a_i (softmax(head_i) - onehot(target)):
-        # log_softmax_target computes both without forming the log-probabilities.
-        output, dhead = log_softmax_target(self._head_scores(h), head_target, scale)
-        tails = []
-        for i in range(self.n_clusters):
-            members = np.flatnonzero(cluster_of == i + 1)
-            if members.size == 0:
-                tails.append(None)
-                continue
-            scores, hidden = self._tail_scores(h[members], i)
-            relative = y[members] - self.cutoffs[i]
-            tail_output, dscores = log_softmax_target(scores, relative, scale[members])
+        members_of = [np.flatnonzero(cluster_of == i + 1) for i in range(self.n_clusters)]
+
+        def head_branch():
+            # output_i = log_softmax(head_i)[target], dhead_i = a_i (softmax(head_i) - onehot(target)):
+            # log_softmax_target computes both without forming the log-probabilities.
+            return log_softmax_target(self._head_scores(h), head_target, scale)
+
+        def tail_branch():
+            tails, tail_outputs = [], []
+            for i, members in enumerate(members_of):
+                if members.size == 0:
+                    tails.append(None)
+                    continue
+                scores, hidden = self._tail_scores(h[members], i)
+                relative = y[members] - self.cutoffs[i]
+                tail_output, dscores = log_softmax_target(scores, relative, scale[members])
+                tail_outputs.append((members, tail_output))
+                tails.append((members, hidden, dscores))
+            return tails, tail_outputs
+
+        # The head and the tails are independent until their log-probs are added: with a
+        # thread pool and enough work on both sides they run at the same time.
+        (output, dhead), (tails, tail_outputs) = self._branches(head_branch, tail_branch, len(y), members_of)
+        for members, tail_output in tail_outputs:
             output[members] += tail_output
-            tails.append((members, hidden, dscores))
         self.last_output = output
         self._cache = (h, dhead, tails)
         if self.class_weights is None:
@@ -167,23 +184,57 @@ class AdaptiveSoftmaxHead(Head):
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""
         h, dhead, tails = self._take_cache()
-        # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
-        parallel.matmul(h.T, dhead, out=self.grads["head_W"])
-        if self.head_bias:
-            np.sum(dhead, axis=0, out=self.grads["head_b"])
-        dh = parallel.matmul(dhead, self.params["head_W"].T)
-        for i, tail in enumerate(tails):
-            grad_proj, grad_out = self.grads[f"tail{i}_proj"], self.grads[f"tail{i}_out"]
-            if tail is None:  # no target in this cluster: it did not enter the loss
-                grad_proj[...] = 0
-                grad_out[...] = 0
-                continue
-            members, hidden, dscores = tail
-            parallel.matmul(hidden.T, dscores, out=grad_out)
-            dhidden = parallel.matmul(dscores, self.params[f"tail{i}_out"].T)
-            np.matmul(h[members].T, dhidden, out=grad_proj)
-            dh[members] += dhidden @ self.params[f"tail{i}_proj"].T
+        members_of = [tail[0] if tail is not None else np.zeros(0, dtype=np.int64) for tail in tails]
+
+        def head_branch():
+            # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
+            parallel.matmul(h.T, dhead, out=self.grads["head_W"])
+            if self.head_bias:
+                np.sum(dhead, axis=0, out=self.grads["head_b"])
+            return parallel.matmul(dhead, self.params["head_W"].T)
+
+        def tail_branch():
+            dh_tails = np.zeros_like(h)  # the tails' share of dh, added to the head's at the end
+            for i, tail in enumerate(tails):
+                grad_proj, grad_out = self.grads[f"tail{i}_proj"], self.grads[f"tail{i}_out"]
+                if tail is None:  # no target in this cluster: it did not enter the loss
+                    grad_proj[...] = 0
+                    grad_out[...] = 0
+                    continue
+                members, hidden, dscores = tail
+                parallel.matmul(hidden.T, dscores, out=grad_out)
+                dhidden = parallel.matmul(dscores, self.params[f"tail{i}_out"].T)
+                np.matmul(h[members].T, dhidden, out=grad_proj)
+                dh_tails[members] += dhidden @ self.params[f"tail{i}_proj"].T
+            return dh_tails
+
+        dh, dh_tails = self._branches(head_branch, tail_branch, h.shape[0], members_of)
+        dh += dh_tails
         return dh
+
+    def _branches(self, head_branch, tail_branch, n_samples, members_of):
+        """``[head_branch(), tail_branch()]``: the head's and the tails' halves of a pass.
+
+        They run at the same time on the thread pool when both are worth a thread
+        (``CONCURRENT_MIN_FLOPS`` of products each) and neither is big enough to be split
+        on the pool by itself (its products under ``parallel.MIN_PARALLEL_FLOPS``, its
+        logits under ``softmax_functions.PARALLEL_MIN_LOGITS``): a branch running on a
+        pool thread does its own products on that one thread. With a million classes the
+        tails are the big side, and splitting their products beats running the branches
+        side by side (205 vs 143 ms at 2 threads, K = 1,000,000).
+        """
+        D = self.in_features
+        sizes = [self.cutoffs[i + 1] - self.cutoffs[i] for i in range(self.n_clusters)]
+        head_flops = 2 * n_samples * D * self.head_size
+        tail_flops = sum(2 * members.size * width * (D + size)
+                         for members, width, size in zip(members_of, self.hidden_sizes, sizes))
+        largest_logits = max(n_samples * self.head_size,
+                             sum(members.size * size for members, size in zip(members_of, sizes)))
+        if (min(head_flops, tail_flops) < CONCURRENT_MIN_FLOPS
+                or max(head_flops, tail_flops) >= parallel.MIN_PARALLEL_FLOPS
+                or largest_logits >= softmax_functions.PARALLEL_MIN_LOGITS):
+            return [head_branch(), tail_branch()]
+        return parallel.run_concurrently(head_branch, tail_branch)
 
     def log_prob(self, h):
         """Exact log-probabilities of all K classes (N, K) (torch's ``log_prob``)."""
