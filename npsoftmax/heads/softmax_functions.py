@@ -31,6 +31,15 @@ def _check_logits(logits, name="logits"):
     return logits
 
 
+def _max_shift(logits, axis):
+    """The max along ``axis`` (kept as a length-1 axis), 0 where that max is not finite.
+
+    A row of all -inf would give (-inf) - (-inf) = NaN; shifting it by 0 gives -inf instead.
+    """
+    shift = np.max(logits, axis=axis, keepdims=True)
+    return np.where(np.isfinite(shift), shift, 0).astype(logits.dtype, copy=False)
+
+
 def logsumexp(logits, axis=-1, keepdims=False):
     """``log(sum(exp(logits), axis))`` computed with the max shift.
 
@@ -42,9 +51,7 @@ def logsumexp(logits, axis=-1, keepdims=False):
         array of the reduced shape (keepdims keeps a length-1 axis), same dtype.
     """
     logits = _check_logits(logits)
-    shift = np.max(logits, axis=axis, keepdims=True)
-    # A row of all -inf would give (-inf) - (-inf) = NaN; shifting it by 0 gives -inf instead.
-    shift = np.where(np.isfinite(shift), shift, 0).astype(logits.dtype, copy=False)
+    shift = _max_shift(logits, axis)
     with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer for all -inf
         out = np.log(np.sum(np.exp(logits - shift), axis=axis, keepdims=True)) + shift
     return out if keepdims else np.squeeze(out, axis=axis)
@@ -58,9 +65,7 @@ def log_softmax(logits, axis=-1):
     float32 (``z - logsumexp(z)`` would lose the digits below 1e3's spacing).
     """
     logits = _check_logits(logits)
-    shift = np.max(logits, axis=axis, keepdims=True)
-    shift = np.where(np.isfinite(shift), shift, 0).astype(logits.dtype, copy=False)
-    shifted = logits - shift
+    shifted = logits - _max_shift(logits, axis)
     with np.errstate(divide="ignore"):
         return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
@@ -109,9 +114,7 @@ def log_softmax_target(logits, target, row_scale):
     def rows(start, stop):
         z, g, t = logits[start:stop], grad[start:stop], target[start:stop]
         inside = np.arange(stop - start)
-        shift = np.max(z, axis=1, keepdims=True)
-        shift = np.where(np.isfinite(shift), shift, 0).astype(z.dtype, copy=False)
-        np.subtract(z, shift, out=g)          # z - m: every entry <= 0
+        np.subtract(z, _max_shift(z, 1), out=g)   # z - m: every entry <= 0
         shifted_target = g[inside, t]         # z_t - m
         np.exp(g, out=g)                      # exp(z - m): the largest is 1, so the sum is >= 1
         total = np.sum(g, axis=1)
