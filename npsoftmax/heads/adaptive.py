@@ -41,6 +41,14 @@ from .softmax_functions import log_softmax, log_softmax_target
 CONCURRENT_MIN_FLOPS = 1 << 24
 
 
+def _branches(head_branch, tail_branch, side_by_side):
+    """``[head_branch(), tail_branch()]``, side by side on the thread pool (in turn without one)
+    or in turn."""
+    if side_by_side:
+        return parallel.run_concurrently(head_branch, tail_branch)
+    return [head_branch(), tail_branch()]
+
+
 def default_cutoffs(n_classes, in_features=None, div_value=4.0):
     """The default split for frequency-sorted labels: ``[K // 5, K // 2]`` (deduplicated, in [1, K)).
 
@@ -171,20 +179,21 @@ class AdaptiveSoftmaxHead(Head):
             return tails, tail_outputs
 
         # The head and the tails are independent until their log-probs are added: with a
-        # thread pool and enough work on both sides they run at the same time.
-        (output, dhead), (tails, tail_outputs) = self._branches(head_branch, tail_branch, len(y), members_of)
+        # thread pool and enough work on both sides they run at the same time (and so do
+        # their backward passes: the decision is kept for backward).
+        side_by_side = self._side_by_side(len(y), members_of)
+        (output, dhead), (tails, tail_outputs) = _branches(head_branch, tail_branch, side_by_side)
         for members, tail_output in tail_outputs:
             output[members] += tail_output
         self.last_output = output
-        self._cache = (h, dhead, tails)
+        self._cache = (h, dhead, tails, side_by_side)
         if self.class_weights is None:
             return -float(np.mean(output, dtype=np.float64))
         return -float(np.dot(sample_weight, output))
 
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""
-        h, dhead, tails = self._take_cache()
-        members_of = [tail[0] if tail is not None else np.zeros(0, dtype=np.int64) for tail in tails]
+        h, dhead, tails, side_by_side = self._take_cache()
 
         def head_branch():
             # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
@@ -208,17 +217,16 @@ class AdaptiveSoftmaxHead(Head):
                 dh_tails[members] += dhidden @ self.params[f"tail{i}_proj"].T
             return dh_tails
 
-        dh, dh_tails = self._branches(head_branch, tail_branch, h.shape[0], members_of)
+        dh, dh_tails = _branches(head_branch, tail_branch, side_by_side)
         dh += dh_tails
         return dh
 
-    def _branches(self, head_branch, tail_branch, n_samples, members_of):
-        """``[head_branch(), tail_branch()]``: the head's and the tails' halves of a pass.
+    def _side_by_side(self, n_samples, members_of):
+        """Whether the head's and the tails' halves of a pass run at the same time.
 
-        They run at the same time on the thread pool when both are worth a thread
-        (``CONCURRENT_MIN_FLOPS`` of products each) and neither is big enough to be split
-        on the pool by itself (its products under ``parallel.MIN_PARALLEL_FLOPS``, its
-        logits under ``softmax_functions.PARALLEL_MIN_LOGITS``): a branch running on a
+        Yes when both are worth a thread (``CONCURRENT_MIN_FLOPS`` of products each) and
+        neither is big enough to be split on the pool by itself (its products under ``parallel.MIN_PARALLEL_FLOPS``,
+        its logits under ``softmax_functions.PARALLEL_MIN_LOGITS``): a branch running on a
         pool thread does its own products on that one thread. With a million classes the
         tails are the big side, and splitting their products beats running the branches
         side by side (205 vs 143 ms at 2 threads, K = 1,000,000).
@@ -230,11 +238,9 @@ class AdaptiveSoftmaxHead(Head):
                          for members, width, size in zip(members_of, self.hidden_sizes, sizes))
         largest_logits = max(n_samples * self.head_size,
                              sum(members.size * size for members, size in zip(members_of, sizes)))
-        if (min(head_flops, tail_flops) < CONCURRENT_MIN_FLOPS
-                or max(head_flops, tail_flops) >= parallel.MIN_PARALLEL_FLOPS
-                or largest_logits >= softmax_functions.PARALLEL_MIN_LOGITS):
-            return [head_branch(), tail_branch()]
-        return parallel.run_concurrently(head_branch, tail_branch)
+        return (min(head_flops, tail_flops) >= CONCURRENT_MIN_FLOPS
+                and max(head_flops, tail_flops) < parallel.MIN_PARALLEL_FLOPS
+                and largest_logits < softmax_functions.PARALLEL_MIN_LOGITS)
 
     def log_prob(self, h):
         """Exact log-probabilities of all K classes (N, K) (torch's ``log_prob``)."""
