@@ -35,6 +35,7 @@ before the extension loads OpenMP: idle OpenMP threads sleep at once. (It cannot
 take effect if another library has already started the same OpenMP runtime.)
 """
 
+import math
 import os
 import warnings
 
@@ -125,8 +126,8 @@ def empty(shape, dtype):
     Returns a C-contiguous writable array (a view of a slightly larger byte buffer).
     """
     dtype = np.dtype(dtype)
-    shape = tuple(int(n) for n in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
+    nbytes = dtype.itemsize * math.prod(shape)
     if nbytes < ALIGN_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
     raw = np.empty(nbytes + _PAGE_BYTES, dtype=np.uint8)

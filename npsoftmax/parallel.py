@@ -118,18 +118,24 @@ def block_size(n_items):
     return max(1, math.ceil(n_items / _threads)) if _pool is not None else max(1, n_items)
 
 
+def _pool_for_this_thread():
+    """The pool, or None when work must run inline: no pool, or this is one of its threads
+    (nested work: the threads are busy already, and a pool task waiting on the pool could
+    deadlock it)."""
+    return None if getattr(_local, "in_pool", False) else _pool
+
+
 def map_chunks(task, n_items, size):
     """``[task(start, stop) for each chunk]`` over ``range(n_items)`` cut in chunks of ``size``.
 
     Results come back in chunk order. With a pool the tasks run on its threads (the caller
-    waits); otherwise, for a single chunk, or when called from a pool thread (nested work:
-    the threads are busy already, and a pool task waiting on the pool could deadlock it), on
-    the calling thread. An exception in a task
-    is raised here after every task has finished (no chunk is left running).
+    waits); otherwise, for a single chunk, or when called from a pool thread, on the calling
+    thread. An exception in a task is raised here after every task has finished (no chunk
+    is left running).
     """
     bounds = [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
-    pool = _pool
-    if pool is None or len(bounds) == 1 or getattr(_local, "in_pool", False):
+    pool = _pool_for_this_thread()
+    if pool is None or len(bounds) == 1:
         return [task(start, stop) for start, stop in bounds]
     futures = [pool.submit(task, start, stop) for start, stop in bounds]
     concurrent.futures.wait(futures)
@@ -144,8 +150,8 @@ def run_concurrently(*tasks):
     tail clusters: one hand-off to the pool instead of one per product. Results come back in
     the order of ``tasks``; an exception in any task is raised after all have finished.
     """
-    pool = _pool
-    if pool is None or len(tasks) < 2 or getattr(_local, "in_pool", False):
+    pool = _pool_for_this_thread()
+    if pool is None or len(tasks) < 2:
         return [task() for task in tasks]
     futures = [pool.submit(task) for task in tasks[1:]]
     try:
