@@ -46,6 +46,7 @@ if not openmp:
 extension = Extension(
     "npsoftmax._im2col",
     sources=["npsoftmax/_im2col.pyx"],
+    depends=["npsoftmax/_winograd_rows.h"],  # included by _im2col.pyx: a change rebuilds the extension
     include_dirs=[np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=["-O3"] + (["-fopenmp"] if openmp else []),

@@ -91,14 +91,18 @@ def make_batch(batch, seed):
 class NumpyRunner:
     """npsoftmax model + SGD; ``train_step()`` and ``infer()`` on fixed data."""
 
-    def __init__(self, batch_norm, x, y, seed):
+    def __init__(self, batch_norm, x, y, seed, conv_algorithm="auto"):
         import numpy as np
 
+        from npsoftmax.layers import Conv2d
         from npsoftmax.models import build_model
         from npsoftmax.optim import SGD
 
         self.model = build_model("softmax", N_CLASSES, IMAGE_SHAPE, rng=np.random.default_rng(seed),
                                  dtype=np.float32, batch_norm=batch_norm)
+        for module in self.model.body:
+            if isinstance(module, Conv2d):
+                module.algorithm = conv_algorithm
         # torch computes no gradient for the images (they do not require grad); neither
         # does the default npsoftmax body (its first conv skips dx: one GEMM and a col2im).
         assert not self.model.body[0].input_gradient
@@ -240,7 +244,7 @@ def worker(args):
 
     versions.update(numpy=np.__version__, npsoftmax=f"{npsoftmax.__version__} (im2col {BACKEND})")
     x, y = make_batch(args.batch, args.seed)
-    runner = NumpyRunner(VARIANTS[args.variant], x, y, args.seed)
+    runner = NumpyRunner(VARIANTS[args.variant], x, y, args.seed, args.conv_algorithm)
     if args.worker == "torch":
         runner = TorchRunner(runner.model, x, y)
         if args.debug_perturb:  # a deliberately different twin, to see the loss check refuse it
@@ -273,7 +277,7 @@ def worker(args):
 def worker_argv(side, variant, threads, args):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", side, "--variant", variant,
             "--threads", str(threads), "--batch", str(args.batch), "--repeats", str(args.repeats),
-            "--warmup", str(args.warmup), "--seed", str(args.seed)]
+            "--warmup", str(args.warmup), "--seed", str(args.seed), "--conv-algorithm", args.conv_algorithm]
     return argv + (["--debug-perturb"] if args.debug_perturb and side == "torch" else [])
 
 
@@ -366,7 +370,7 @@ def run_processes(args, argv, variants, with_torch, torch_missing):
                                                   None if with_torch else torch_missing)
     order = ", ".join(f"{variant} {side}" for variant in variants
                       for side in (("npsoftmax", "torch") if with_torch else ("npsoftmax",)))
-    lines.append(f"method: batch {args.batch}, float32; per thread count {args.rounds} round(s) of fresh worker "
+    lines.append(f"method: batch {args.batch}, float32, npsoftmax conv algorithm {args.conv_algorithm!r}; per thread count {args.rounds} round(s) of fresh worker "
                  f"processes alternating {order}; "
                  f"each worker: 1 step (its loss is the first loss), {args.warmup} warm-up, {args.repeats} timed "
                  f"steps, then the same for inference; figure = median of the processes' medians, spread = "
@@ -398,7 +402,8 @@ def run_processes(args, argv, variants, with_torch, torch_missing):
 
         with threadpool_limits(limits=thread_counts[0]):
             x, y = make_batch(args.batch, args.seed)
-            runners = {variant: NumpyRunner(VARIANTS[variant], x, y, args.seed) for variant in variants}
+            runners = {variant: NumpyRunner(VARIANTS[variant], x, y, args.seed, args.conv_algorithm)
+                       for variant in variants}
             lines.append(f"\nper-layer profile: npsoftmax alone in the parent process, {thread_counts[0]} threads")
             lines += profile_lines(runners, args)
     return lines, runs, 0
@@ -441,7 +446,7 @@ def run_same_process(args, argv, variants, with_torch, torch_missing):
 
     rows, numpy_runners, status = [], {}, 0
     for name in variants:
-        runners = {"npsoftmax": NumpyRunner(VARIANTS[name], x, y, args.seed)}
+        runners = {"npsoftmax": NumpyRunner(VARIANTS[name], x, y, args.seed, args.conv_algorithm)}
         if torch is not None:
             runners["torch"] = TorchRunner(runners["npsoftmax"].model, x, y)
             # Same weights, same data: the first losses agree (a check that the networks are the same).
@@ -500,6 +505,10 @@ def build_parser():
                         help="each busy loop stops by itself after this long (default 3600)")
     parser.add_argument("--variant", choices=["both", "bn", "plain"], default="both",
                         help="with batch norm, the plain CNN, or both (default)")
+    parser.add_argument("--conv-algorithm", choices=["auto", "im2col", "winograd"], default="auto",
+                        help="npsoftmax's conv layers: 'auto' (default: Winograd F(2x2,3x3) for the 3x3 convs with "
+                             ">= 16 input channels, im2col for the first) or one algorithm wherever it applies "
+                             "('winograd' needs 3x3 kernels: all of this model's convs are)")
     parser.add_argument("--profile", action="store_true", help="also print the per-layer npsoftmax profile")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps averaged by --profile (default 5)")
     parser.add_argument("--no-torch", action="store_true", help="time npsoftmax alone even if torch is installed")

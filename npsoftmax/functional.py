@@ -22,11 +22,11 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import kernels, parallel
+from . import kernels, parallel, winograd
 from .kernels import col2im, conv_output_size, im2col
 from .sections import section
 from .validation import (check_array, check_bool, check_buffer, check_int, check_ndim, check_same_dtype,
-                         check_shape, check_upstream)
+                         check_shape, check_slab_buffer, check_upstream)
 
 __all__ = [
     "affine_forward",
@@ -216,9 +216,40 @@ def _images_per_chunk(N, columns_per_image, rows, itemsize):
     return max(1, min(N, CONV_CHUNK_BYTES // max(rows * columns_per_image * itemsize, 1)))
 
 
-def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
+CONV_ALGORITHMS = ("auto", "im2col", "winograd")
+
+
+def conv_algorithm(w_shape, stride, algorithm="auto"):
+    """The algorithm :func:`conv_forward` runs for a kernel of shape ``w_shape`` (F, C, KH, KW):
+    ``"winograd"`` (:mod:`npsoftmax.winograd`, 3x3 kernels with stride 1 only) or ``"im2col"``.
+    ``"auto"`` picks Winograd for 3x3, stride-1 kernels with at least ``winograd.MIN_CHANNELS``
+    input channels (2.25x fewer multiply-adds; with few input channels its 16 thin products
+    gain nothing over one im2col GEMM)."""
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
+    fits = winograd.applies(w_shape, stride)
+    if algorithm == "winograd" and not fits:
+        raise ValueError(f"algorithm='winograd' needs a 3x3 kernel and stride 1, got kernel "
+                         f"{tuple(w_shape[2:])} and stride {stride}")
+    if algorithm == "auto":
+        return "winograd" if fits and w_shape[1] >= winograd.MIN_CHANNELS else "im2col"
+    return algorithm
+
+
+def conv_buffer_shape(x_shape, w_shape, stride, pad, algorithm):
+    """Shape of the array a training forward keeps for the backward pass (``cols_out``):
+    the im2col columns (C*KH*KW, N*OH*OW), or Winograd's transformed tiles (16, C, N*TH*TW)."""
+    if algorithm == "winograd":
+        return winograd.buffer_shape(x_shape, pad)
+    N, C, H, W = x_shape
+    _, _, KH, KW = w_shape
+    return (C * KH * KW, N * conv_output_size(H, KH, stride, pad) * conv_output_size(W, KW, stride, pad))
+
+
+def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True, algorithm="auto"):
     """2-D convolution (cross-correlation, as in PyTorch) via im2col and one matrix product
-    (computed a chunk of images at a time, see ``CONV_CHUNK_BYTES``).
+    (computed a chunk of images at a time, see ``CONV_CHUNK_BYTES``), or for 3x3 kernels with
+    stride 1 via Winograd's F(2x2, 3x3) (:mod:`npsoftmax.winograd`; see ``algorithm``).
 
     Parameters
     ----------
@@ -227,16 +258,20 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
     b : ndarray (F,) or None (no bias)
     stride : int >= 1
     pad : int >= 0, zeros added on every side
-    cols_out : ndarray (C*KH*KW, N*OH*OW), optional
-        C-contiguous buffer (dtype of ``x``) that im2col overwrites instead of
-        allocating; the cache refers to it, so the caller must not reuse it
-        before the matching backward. ``Conv2d`` passes the same buffer every
-        step: a fresh allocation of tens of MiB costs page faults every call.
+    cols_out : ndarray of shape ``conv_buffer_shape(...)``, optional
+        Buffer (dtype of ``x``) that the forward pass overwrites instead of
+        allocating: im2col's columns, C-contiguous (C*KH*KW, N*OH*OW), or Winograd's
+        tiles (16, C, N*TH*TW) from ``kernels.winograd_slabs``. The cache refers to it,
+        so the caller must not reuse it before the matching backward. ``Conv2d``
+        passes the same buffer every step: a fresh allocation of tens of MiB costs
+        page faults every call.
     keep_cols : bool
-        True (training): the cache keeps the whole batch's columns for the
-        backward pass. False (inference): only one chunk of columns exists at a
+        True (training): the cache keeps the whole batch's columns (or tiles) for
+        the backward pass. False (inference): only one chunk of them exists at a
         time and the cache keeps a reference to ``x`` instead; a backward pass
-        then recomputes the columns (slower, but possible).
+        then recomputes them (slower, but possible).
+    algorithm : "auto" (default), "im2col" or "winograd"; see :func:`conv_algorithm`.
+        Both compute the same convolution (up to rounding) and its exact gradients.
 
     Returns
     -------
@@ -244,7 +279,8 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
         (likewise OW). When the stride does not tile the padded input the last
         partial window is dropped (floor division, as PyTorch does), so the
         last rows/columns of ``x`` may receive no gradient.
-    cache : ConvCache (``cols`` kept when ``keep_cols``, else ``x``)
+    cache : ConvCache (``cols`` kept when ``keep_cols``, else ``x``), or a
+        ``winograd.WinogradCache``
     """
     check_ndim("x", x, 4, "(N, C, H, W)")
     check_ndim("w", w, 4, "(F, C, KH, KW)")
@@ -265,11 +301,15 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True):
     if b is not None:
         check_shape("b", b, (F,))
         check_same_dtype("b", b, "w", w)
-    check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
     check_bool(keep_cols, "keep_cols")
+    algorithm = conv_algorithm(w.shape, stride, algorithm)
     if cols_out is not None and not keep_cols:
         raise ValueError("cols_out is only used with keep_cols=True (the cache keeps the columns)")
     x = np.ascontiguousarray(x)
+    if algorithm == "winograd":
+        check_slab_buffer("cols_out", cols_out, winograd.buffer_shape(x.shape, pad), x.dtype)
+        return winograd.forward(x, w, b, pad, V_out=cols_out, keep_tiles=keep_cols)
+    check_buffer("cols_out", cols_out, (w[0].size, N * P), x.dtype)
     chunk = parallel.chunk_size(N, _images_per_chunk(N, P, w[0].size, x.itemsize))
     if keep_cols:
         cols = kernels.empty((w[0].size, N * P), x.dtype) if cols_out is None else cols_out
@@ -318,6 +358,12 @@ def conv_backward(dout, cache, *, input_gradient=True):
     dw : ndarray (F, C, KH, KW)
     db : ndarray (F,), or None when the forward pass had no bias
     """
+    check_bool(input_gradient, "input_gradient")
+    if isinstance(cache, winograd.WinogradCache):
+        x_shape, w = cache.x_shape, cache.w
+        check_upstream(dout, (x_shape[0], w.shape[0], x_shape[2] + 2 * cache.pad - 2,
+                              x_shape[3] + 2 * cache.pad - 2), w.dtype)
+        return winograd.backward(dout, cache, input_gradient)
     x_shape, cols, w, stride, pad, has_bias, x = cache
     F, _, KH, KW = w.shape
     N = x_shape[0]
@@ -325,7 +371,6 @@ def conv_backward(dout, cache, *, input_gradient=True):
     OW = conv_output_size(x_shape[3], KW, stride, pad)
     P = OH * OW
     check_upstream(dout, (N, F, OH, OW), w.dtype)
-    check_bool(input_gradient, "input_gradient")
     dout = np.ascontiguousarray(dout)
     w_rows = w.reshape(F, -1)
     dx = kernels.empty(x_shape, w.dtype) if input_gradient else None

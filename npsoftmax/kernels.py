@@ -464,3 +464,173 @@ def swap_leading_axes(source, destination, bias=None):
     _extension.swap_leading_axes(np.ascontiguousarray(source), destination,
                                  None if bias is None else np.ascontiguousarray(bias))
     return destination
+
+
+# ----------------------------------------------------------------------------
+# Winograd F(2x2, 3x3) tile transforms (the algorithm and its math: winograd.py)
+# ----------------------------------------------------------------------------
+#: B^T: the input tile transform, V = B^T d B for a 4x4 input tile d.
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+#: A^T: the output tile transform, y = A^T m A gives a 2x2 output block from a 4x4 product m.
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def winograd_tiles(height, width, pad):
+    """(TH, TW): rows and columns of 2x2 output tiles of a 3x3, stride-1 convolution with ``pad``
+    (the last tile of an odd-sized output is half used)."""
+    return -(-(height + 2 * pad - 2) // 2), -(-(width + 2 * pad - 2) // 2)
+
+
+def winograd_slabs(rows, columns, dtype):
+    """An uninitialised (16, rows, columns) array of ``dtype`` for transformed tiles or their products:
+    16 slabs of C-contiguous (rows, columns) matrices, the operands of the 16 GEMMs.
+
+    The slabs are not packed back to back: each starts 32 elements after a multiple of 1024
+    elements past the previous one. The Winograd kernels write (or read) the 16 entries of a
+    block of tiles as 16 runs, one per slab; packed slabs of a few MiB lie a multiple of 4 KiB
+    apart, so the 16 runs would compete for the same few cache sets (measured: the output-gradient
+    transform of the default CNN's second conv took 47 ms packed, ~10 ms padded).
+    """
+    dtype = np.dtype(dtype)
+    size = rows * columns
+    stride = -(-size // 1024) * 1024 + 32
+    flat = empty((16 * stride,), dtype)
+    return np.lib.stride_tricks.as_strided(flat, (16, rows, columns),
+                                           (stride * dtype.itemsize, columns * dtype.itemsize, dtype.itemsize),
+                                           writeable=True)
+
+
+def _check_winograd_arrays(images=(), slabs=()):
+    """``images``: (name, array) pairs that must be C-contiguous float arrays; ``slabs``: (16, R, T)
+    arrays whose every slab is a C-contiguous matrix (any distance between slabs)."""
+    for name, array in list(images) + list(slabs):
+        if not isinstance(array, np.ndarray) or array.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float32/float64 ndarray, got "
+                             f"{getattr(array, 'dtype', type(array).__name__)}")
+    for name, array in images:
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    for name, array in slabs:
+        if array.ndim != 3 or array.shape[0] != 16 or (
+                array.shape[2] > 1 and array.strides[2] != array.itemsize) or (
+                array.shape[1] > 1 and array.strides[1] != array.shape[2] * array.itemsize):
+            raise ValueError(f"{name} must be 16 slabs of C-contiguous matrices, got shape {array.shape} "
+                             f"strides {array.strides}")
+
+
+def winograd_input_transform_numpy(x, pad):
+    """x (n, C, H, W) -> V (16, C, n*TH*TW): ``B^T d B`` of every 4x4 input tile ``d`` (tiles start
+    every 2 pixels at ``-pad``; zeros outside the image). V[4*r + s, c, t] is entry (r, s) of tile t
+    = (image, tile row, tile column) in row-major order."""
+    n, C, H, W = x.shape
+    TH, TW = winograd_tiles(H, W, pad)
+    padded = np.zeros((n, C, 2 * TH + 2, 2 * TW + 2), dtype=x.dtype)
+    padded[:, :, pad:pad + H, pad:pad + W] = x
+    tiles = sliding_window_view(padded, (4, 4), axis=(2, 3))[:, :, ::2, ::2]  # (n, C, TH, TW, 4, 4)
+    BT = WINOGRAD_BT.astype(x.dtype)
+    V = BT @ tiles @ BT.T
+    return np.ascontiguousarray(V.transpose(4, 5, 1, 0, 2, 3)).reshape(16, C, n * TH * TW)
+
+
+def winograd_output_transform_numpy(M, n, OH, OW, bias=None):
+    """M (16, F, n*TH*TW) -> out (n, F, OH, OW): every 2x2 output block is ``A^T m A`` (+ bias)."""
+    F = M.shape[1]
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    AT = WINOGRAD_AT.astype(M.dtype)
+    m = M.reshape(4, 4, F, n, TH, TW).transpose(3, 2, 4, 5, 0, 1)  # (n, F, TH, TW, 4, 4)
+    y = AT @ m @ AT.T  # (n, F, TH, TW, 2, 2)
+    out = y.transpose(0, 1, 2, 4, 3, 5).reshape(n, F, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    return np.ascontiguousarray(out)
+
+
+def winograd_output_gradient_numpy(dout):
+    """dout (n, F, OH, OW) -> (dM (16, F, n*TH*TW), dbias (F,)): ``A dy A^T`` of every 2x2 block dy
+    (the adjoint of the output transform), and the bias gradient ``dout.sum((0, 2, 3))``."""
+    n, F, OH, OW = dout.shape
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    padded = np.zeros((n, F, 2 * TH, 2 * TW), dtype=dout.dtype)
+    padded[:, :, :OH, :OW] = dout
+    dy = padded.reshape(n, F, TH, 2, TW, 2).transpose(0, 1, 2, 4, 3, 5)  # (n, F, TH, TW, 2, 2)
+    AT = WINOGRAD_AT.astype(dout.dtype)
+    dM = AT.T @ dy @ AT  # (n, F, TH, TW, 4, 4)
+    dM = np.ascontiguousarray(dM.transpose(4, 5, 1, 0, 2, 3)).reshape(16, F, n * TH * TW)
+    return dM, dout.sum(axis=(0, 2, 3))
+
+
+def winograd_input_gradient_numpy(dV, x_shape, pad):
+    """dV (16, C, n*TH*TW) -> dx (n, C, H, W): every tile adds ``B dv B^T`` back onto the input
+    pixels it was read from (the adjoint of the input transform; tiles overlap, so sums add up)."""
+    n, C, H, W = x_shape
+    TH, TW = winograd_tiles(H, W, pad)
+    BT = WINOGRAD_BT.astype(dV.dtype)
+    dv = dV.reshape(4, 4, C, n, TH, TW).transpose(3, 2, 4, 5, 0, 1)  # (n, C, TH, TW, 4, 4)
+    dd = BT.T @ dv @ BT
+    padded = np.zeros((n, C, 2 * TH + 2, 2 * TW + 2), dtype=dV.dtype)
+    for r in range(4):
+        for s in range(4):
+            padded[:, :, r:r + 2 * TH:2, s:s + 2 * TW:2] += dd[..., r, s]
+    return np.ascontiguousarray(padded[:, :, pad:pad + H, pad:pad + W])
+
+
+def winograd_input_transform(x, pad, out, first_tile=0):
+    """Write the input tiles' transforms of ``x (n, C, H, W)`` into
+    ``out[:, :, first_tile : first_tile + n*TH*TW]`` (``out``: C-contiguous (16, C, T_total))."""
+    _check_winograd_arrays(images=[("x", x)])
+    if not isinstance(out, np.ndarray) or out.ndim != 3 or out.strides[2] != out.itemsize:
+        raise ValueError(f"out must be a (16, C, T_total) array with contiguous rows, got {getattr(out, 'shape', out)}")
+    n, C, H, W = x.shape
+    TH, TW = winograd_tiles(H, W, pad)
+    if out.shape[:2] != (16, C) or out.dtype != x.dtype or first_tile + n * TH * TW > out.shape[2]:
+        raise ValueError(f"out must be a {x.dtype} array (16, {C}, >= {first_tile + n * TH * TW}), got "
+                         f"{out.shape} {out.dtype}")
+    if _extension is None:
+        out[:, :, first_tile:first_tile + n * TH * TW] = winograd_input_transform_numpy(x, pad)
+    else:
+        _extension.winograd_input_transform(x, pad, TH, TW, out, first_tile)
+    return out
+
+
+def winograd_output_transform(M, out, bias=None):
+    """Write ``A^T m A`` (+ bias) of the products ``M (16, F, n*TH*TW)`` into ``out (n, F, OH, OW)``."""
+    _check_winograd_arrays(images=[("out", out)], slabs=[("M", M)])
+    n, F, OH, OW = out.shape
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    if M.shape != (16, F, n * TH * TW) or M.dtype != out.dtype:
+        raise ValueError(f"M must be a {out.dtype} array of shape {(16, F, n * TH * TW)}, got {M.shape} {M.dtype}")
+    if _extension is None:
+        out[...] = winograd_output_transform_numpy(M, n, OH, OW, bias)
+    else:
+        _extension.winograd_output_transform(M, out, TH, TW, bias)
+    return out
+
+
+def winograd_output_gradient(dout, dM, dbias):
+    """Write ``A dy A^T`` of ``dout (n, F, OH, OW)``'s 2x2 blocks into ``dM (16, F, n*TH*TW)`` and
+    ``dout.sum((0, 2, 3))`` into ``dbias (F,)``."""
+    _check_winograd_arrays(images=[("dout", dout), ("dbias", dbias)], slabs=[("dM", dM)])
+    n, F, OH, OW = dout.shape
+    TH, TW = -(-OH // 2), -(-OW // 2)
+    if dM.shape != (16, F, n * TH * TW) or dbias.shape != (F,) or dM.dtype != dout.dtype or dbias.dtype != dout.dtype:
+        raise ValueError(f"dM must be (16, {F}, {n * TH * TW}) and dbias ({F},), {dout.dtype}; got "
+                         f"{dM.shape} {dM.dtype}, {dbias.shape} {dbias.dtype}")
+    if _extension is None:
+        dM[...], dbias[...] = winograd_output_gradient_numpy(dout)
+    else:
+        _extension.winograd_output_gradient(dout, TH, TW, dM, dbias)
+    return dM, dbias
+
+
+def winograd_input_gradient(dV, pad, out):
+    """Overwrite ``out (n, C, H, W)`` with the adjoint of the input transform applied to ``dV``."""
+    _check_winograd_arrays(images=[("out", out)], slabs=[("dV", dV)])
+    n, C, H, W = out.shape
+    TH, TW = winograd_tiles(H, W, pad)
+    if dV.shape != (16, C, n * TH * TW) or dV.dtype != out.dtype:
+        raise ValueError(f"dV must be a {out.dtype} array of shape {(16, C, n * TH * TW)}, got {dV.shape} {dV.dtype}")
+    if _extension is None:
+        out[...] = winograd_input_gradient_numpy(dV, out.shape, pad)
+    else:
+        _extension.winograd_input_gradient(dV, pad, TH, TW, out)
+    return out

@@ -115,7 +115,7 @@ class Linear(Module):
 
 
 class Conv2d(Module):
-    """2-D convolution (im2col + one GEMM).
+    """2-D convolution (im2col + one GEMM, or Winograd's F(2x2, 3x3) for 3x3 kernels).
 
     Shapes: x (N, C, H, W) -> out (N, F, OH, OW) with
     ``OH = (H + 2*pad - KH) // stride + 1`` (likewise OW); params
@@ -126,10 +126,13 @@ class Conv2d(Module):
     ``input_gradient=False`` makes ``backward`` skip dx and return None: the
     first layer of a network needs no gradient for the images, and computing it
     costs a GEMM and a col2im per step. The attribute can be changed later.
+
+    ``algorithm`` ("auto", "im2col" or "winograd") is passed to ``functional.conv_forward``
+    (see ``functional.conv_algorithm``); it can be changed between steps too.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, pad=0, rng, dtype=np.float32, bias=True,
-                 input_gradient=True):
+                 input_gradient=True, algorithm="auto"):
         self.in_channels = check_int(in_channels, "in_channels")
         self.out_channels = check_int(out_channels, "out_channels")
         if isinstance(kernel_size, numbers.Integral):
@@ -151,13 +154,16 @@ class Conv2d(Module):
         super().__init__(params)
         check_bool(input_gradient, "input_gradient")
         self.input_gradient = bool(input_gradient)
-        self._buffers = {}  # reusable scratch arrays: "cols", the im2col output kept for backward
+        self.algorithm = algorithm
+        F.conv_algorithm(shape, self.stride, algorithm)  # a bad choice fails here, not at the first step
+        self._buffers = {}  # reusable scratch array kept for backward: "cols" (im2col) or "tiles" (Winograd)
 
-    def _cols_buffer(self, x):
-        """The (C*KH*KW, N*OH*OW) im2col buffer for input ``x``, kept between steps and
-        reallocated only when the shape or dtype changes (a fresh allocation of tens of
-        MiB page-faults every step). None when ``x`` is not a valid input: the
-        functional layer then raises the precise error."""
+    def _cols_buffer(self, x, algorithm):
+        """The buffer a training forward keeps for backward (``F.conv_buffer_shape``: im2col
+        columns or Winograd tiles) for input ``x``, kept between steps and reallocated only
+        when the shape, dtype or algorithm changes (a fresh allocation of tens of MiB
+        page-faults every step). None when ``x`` is not a valid input: the functional layer
+        then raises the precise error."""
         w = self.params["w"]
         if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != w.dtype or x.shape[1] != self.in_channels:
             return None
@@ -166,23 +172,30 @@ class Conv2d(Module):
         OW = F.conv_output_size(x.shape[3], KW, self.stride, self.pad)
         if OH < 1 or OW < 1:
             return None
-        shape = (self.in_channels * KH * KW, N * OH * OW)
-        buffer = self._buffers.get("cols")
+        shape = F.conv_buffer_shape(x.shape, w.shape, self.stride, self.pad, algorithm)
+        name = "tiles" if algorithm == "winograd" else "cols"
+        buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype:
-            buffer = self._buffers["cols"] = kernels.empty(shape, x.dtype)
+            self._buffers.clear()  # one buffer at a time
+            if algorithm == "winograd":
+                buffer = kernels.winograd_slabs(shape[1], shape[2], x.dtype)
+            else:
+                buffer = kernels.empty(shape, x.dtype)
+            self._buffers[name] = buffer
         return buffer
 
     def forward(self, x):
+        w, b = self.params["w"], self.params.get("b")
+        algorithm = F.conv_algorithm(w.shape, self.stride, self.algorithm)
         if not self.training:
             # Inference keeps no columns (one chunk at a time), so evaluating a big batch
             # does not hold hundreds of MiB; a backward in eval mode recomputes them.
-            out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
-                                              keep_cols=False)
+            out, self._cache = F.conv_forward(x, w, b, self.stride, self.pad, keep_cols=False, algorithm=algorithm)
             return out
-        # Reusing the cols buffer is safe: the only cache that refers to it is this
+        # Reusing the buffer is safe: the only cache that refers to it is this
         # layer's latest one, and this forward replaces it.
-        out, self._cache = F.conv_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
-                                          cols_out=self._cols_buffer(x))
+        out, self._cache = F.conv_forward(x, w, b, self.stride, self.pad, cols_out=self._cols_buffer(x, algorithm),
+                                          algorithm=algorithm)
         return out
 
     def backward(self, dout):
@@ -193,7 +206,8 @@ class Conv2d(Module):
     def __repr__(self):
         return (
             f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, pad={self.pad}, bias={'b' in self.params})"
+            f"stride={self.stride}, pad={self.pad}, bias={'b' in self.params}"
+            + (f", algorithm={self.algorithm!r})" if self.algorithm != "auto" else ")")
         )
 
 

@@ -34,6 +34,7 @@ import time
 from collections import defaultdict
 
 from . import sections
+from .functional import conv_algorithm
 from .sections import section  # noqa: F401  (re-exported: profiler.section is the documented name)
 
 __all__ = ["Profiler", "profile", "section", "conv_gemm_flops"]
@@ -45,6 +46,8 @@ def conv_gemm_flops(module, x_shape):
     (NP = N*OH*OW); backward does two GEMMs of the same size (``dW`` and
     ``dcols``), so forward + backward is ``3 * 2 F CKK NP`` -- or ``2 * 2 F CKK NP``
     when the layer skips its input gradient (``input_gradient=False``: no ``dcols``).
+    A layer that runs Winograd's F(2x2, 3x3) (``functional.conv_algorithm``) does 16
+    products ``(F, C) @ (C, N*TH*TW)`` per pass instead: ``2 * 16 F C N TH TW`` each.
 
     Parameters
     ----------
@@ -60,6 +63,9 @@ def conv_gemm_flops(module, x_shape):
     OH = (H + 2 * module.pad - KH) // module.stride + 1
     OW = (W + 2 * module.pad - KW) // module.stride + 1
     forward = 2 * module.out_channels * C * KH * KW * N * OH * OW
+    w_shape = (module.out_channels, C, KH, KW)
+    if conv_algorithm(w_shape, module.stride, getattr(module, "algorithm", "auto")) == "winograd":
+        forward = 2 * 16 * module.out_channels * C * N * ((OH + 1) // 2) * ((OW + 1) // 2)
     return forward, (2 if getattr(module, "input_gradient", True) else 1) * forward
 
 
@@ -74,7 +80,7 @@ _KIND_OF_MODULE = {
     "Flatten": "flatten",
     "Dropout": "dropout",
 }
-_SECTION_ORDER = ("im2col", "conv GEMM", "col2im")
+_SECTION_ORDER = ("im2col", "winograd transforms", "conv GEMM", "col2im")
 
 
 class Profiler:

@@ -123,6 +123,20 @@ def check_buffer(name, buffer, shape, dtype):
         )
 
 
+def check_slab_buffer(name, buffer, shape, dtype):
+    """An optional (None allowed) Winograd buffer (``kernels.winograd_slabs``): a (16, R, T) array
+    of this shape and dtype whose 16 slabs are C-contiguous matrices (any distance between slabs)."""
+    if buffer is None:
+        return
+    check_array(name, buffer)
+    if (buffer.shape != tuple(shape) or buffer.dtype != dtype
+            or (shape[2] > 1 and buffer.strides[2] != buffer.itemsize)
+            or (shape[1] > 1 and buffer.strides[1] != shape[2] * buffer.itemsize)):
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} array of shape {tuple(shape)} made of 16 "
+                         f"C-contiguous slabs (kernels.winograd_slabs), got {buffer.dtype} {buffer.shape} "
+                         f"with strides {buffer.strides}")
+
+
 def check_uint8_images(images, name="images"):
     """Require uint8 images in NHWC layout, ``(N, H, W, C)`` (how data sets are stored)."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:

@@ -27,6 +27,19 @@ CONV_GEOMETRIES = [
     pytest.param((2, 3, 3, 4, 2, 1, 1, 1, 0), id="kernel1x1"),
 ]
 
+# 3x3 kernels with stride 1, the only ones Winograd's F(2x2, 3x3) computes (npsoftmax.winograd):
+# odd and even output sizes (the last row/column of 2x2 tiles half used), every padding.
+WINOGRAD_GEOMETRIES = [
+    pytest.param((2, 2, 6, 7, 3, 3, 3, 1, 1), id="3x3-pad1-odd-width"),
+    pytest.param((1, 1, 5, 5, 1, 3, 3, 1, 0), id="3x3-batch1-channel1-pad0-odd"),
+    pytest.param((3, 2, 4, 9, 2, 3, 3, 1, 2), id="3x3-pad2"),
+    pytest.param((2, 3, 3, 3, 4, 3, 3, 1, 0), id="3x3-single-output-pixel"),
+]
+# (geometry, algorithm): the default choice for every geometry, both algorithms for 3x3 stride 1
+CONV_CASES = [pytest.param(g.values[0], "auto", id=g.id) for g in CONV_GEOMETRIES] + [
+    pytest.param(g.values[0], algorithm, id=f"{g.id}-{algorithm}")
+    for g in WINOGRAD_GEOMETRIES for algorithm in ("im2col", "winograd")]
+
 POOL_GEOMETRIES = [
     # (N, C, H, W, size, stride, path the dispatcher must take)
     pytest.param((2, 2, 4, 6, 2, 2, "reshape"), id="2/2-tiles"),
@@ -180,13 +193,13 @@ def test_relu_forward_matches_loops(rng, dtype):
     np.testing.assert_array_equal(out, naive_relu(x))
 
 
-@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
-def test_conv_forward_matches_loops(geometry, rng, dtype, forward_tolerance):
+@pytest.mark.parametrize("geometry, algorithm", CONV_CASES)
+def test_conv_forward_matches_loops(geometry, algorithm, rng, dtype, forward_tolerance):
     N, C, H, W, num_filters, KH, KW, stride, pad = geometry
     x = random_array(rng, (N, C, H, W), dtype)
     w = random_array(rng, (num_filters, C, KH, KW), dtype)
     b = random_array(rng, num_filters, dtype)
-    out, _ = F.conv_forward(x, w, b, stride=stride, pad=pad)
+    out, _ = F.conv_forward(x, w, b, stride=stride, pad=pad, algorithm=algorithm)
     np.testing.assert_allclose(out, naive_conv(x, w, b, stride, pad), **forward_tolerance)
     assert out.flags.c_contiguous
 
@@ -268,15 +281,15 @@ def test_relu_backward_by_hand():
     np.testing.assert_array_equal(dx, [[0.0, 0.0, 0.0, 4.0, 5.0]])
 
 
-@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
-def test_conv_backward_matches_numerical_gradient(geometry, rng):
+@pytest.mark.parametrize("geometry, algorithm", CONV_CASES)
+def test_conv_backward_matches_numerical_gradient(geometry, algorithm, rng):
     N, C, H, W, num_filters, KH, KW, stride, pad = geometry
     arrays = {
         "x": random_array(rng, (N, C, H, W)),
         "w": random_array(rng, (num_filters, C, KH, KW)),
         "b": random_array(rng, num_filters),
     }
-    forward = lambda x, w, b: F.conv_forward(x, w, b, stride=stride, pad=pad)  # noqa: E731
+    forward = lambda x, w, b: F.conv_forward(x, w, b, stride=stride, pad=pad, algorithm=algorithm)  # noqa: E731
     assert_gradients_match(pair_gradient_errors(forward, F.conv_backward, arrays, rng))
 
 
