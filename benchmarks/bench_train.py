@@ -173,10 +173,13 @@ def conv_layers(model, batch):
 
 
 def plain_gemm_gflops(model, batch, repeats):
-    """GFLOP/s of a plain ``a @ b`` on random float32 operands of each conv's whole-batch
-    forward shape, W (F, C*KH*KW) @ cols (C*KH*KW, N*OH*OW): what BLAS gives at that size."""
+    """GFLOP/s of a plain product on random float32 operands of each conv's whole-batch forward
+    shape: W (F, C*KH*KW) @ cols (C*KH*KW, N*OH*OW) for an im2col layer, the 16 products
+    U (16, F, C) @ V (16, C, N*TH*TW) for a Winograd layer: what BLAS gives at that size.
+    Returns (label, shape text, GFLOP/s) per conv layer."""
     import numpy as np
 
+    from npsoftmax.functional import conv_algorithm
     from npsoftmax.profiler import conv_gemm_flops
     from npsoftmax.timing import interleaved_medians
 
@@ -184,11 +187,21 @@ def plain_gemm_gflops(model, batch, repeats):
     results = []
     for label, module, x_shape in conv_layers(model, batch):
         rows, inner = module.out_channels, module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-        columns = conv_gemm_flops(module, x_shape)[0] // (2 * rows * inner)
-        a = rng.standard_normal((rows, inner), dtype=np.float32)
-        b = rng.standard_normal((inner, columns), dtype=np.float32)
+        flops = conv_gemm_flops(module, x_shape)[0]
+        w_shape = (rows, module.in_channels, *module.kernel_size)
+        if conv_algorithm(w_shape, module.stride, module.algorithm) == "winograd":
+            inner = module.in_channels
+            columns = flops // (2 * 16 * rows * inner)
+            a = rng.standard_normal((16, rows, inner), dtype=np.float32)
+            b = rng.standard_normal((16, inner, columns), dtype=np.float32)
+            shape = f"16 x ({rows} x {inner}) @ ({inner} x {columns})"
+        else:
+            columns = flops // (2 * rows * inner)
+            a = rng.standard_normal((rows, inner), dtype=np.float32)
+            b = rng.standard_normal((inner, columns), dtype=np.float32)
+            shape = f"({rows} x {inner}) @ ({inner} x {columns})"
         seconds = interleaved_medians({"gemm": lambda: a @ b}, repeats)["gemm"]
-        results.append((label, rows, inner, columns, 2 * rows * inner * columns / seconds / 1e9))
+        results.append((label, shape, flops / seconds / 1e9))
     return results
 
 
@@ -211,9 +224,10 @@ def profile_lines(numpy_runners, args):
         profiler = run_profile(runner, args.profile_steps)
         lines.append(f"\n[{name}] " + profiler.table())
     model = next(iter(numpy_runners.values())).model
-    lines.append("\nplain numpy GEMM of each conv's whole-batch forward shape (W @ cols), same process:")
-    for label, rows, inner, columns, gflops in plain_gemm_gflops(model, args.batch, max(args.repeats // 3, 3)):
-        lines.append(f"  {label:<12} ({rows} x {inner}) @ ({inner} x {columns}): {gflops:6.1f} GFLOP/s")
+    lines.append("\nplain numpy GEMM of each conv's whole-batch forward shape (im2col: W @ cols; Winograd: "
+                 "its 16 products), same process:")
+    for label, shape, gflops in plain_gemm_gflops(model, args.batch, max(args.repeats // 3, 3)):
+        lines.append(f"  {label:<12} {shape}: {gflops:6.1f} GFLOP/s")
     return lines
 
 

@@ -574,53 +574,30 @@ def swap_leading_axes(floating_t[:, :, ::1] source, floating_t[:, :, ::1] destin
 # Tile t = (n*TH + ty)*TW + tx of image n reads the 4x4 input pixels at rows 2*ty - pad ..
 # 2*ty - pad + 3 (likewise columns) and gives output rows 2*ty, 2*ty + 1 (likewise columns).
 # Transformed arrays are 16 "slabs" (k, channel, tile): entry k = 4*r + s of a tile's 4x4
-# transform lies in slab k. Every kernel gives one channel at a time to each OpenMP thread
-# and works on a zero-padded copy of one image plane, so no loop checks bounds. A row of TW
-# tiles is transformed at once by the C functions of _winograd_rows.h (vectorised loops over
-# tx) into a block of a few tile rows, and the block goes to (or comes from) the 16 slabs as
-# 16 contiguous runs. (One value per tile straight into each of the 16 slabs was 2-6x slower:
-# 16 single-value streams competing for the same cache sets.)
+# transform lies in slab k, and the tiles of one row of tiles are consecutive there. Every
+# kernel gives one channel at a time to each OpenMP thread and works on a zero-padded copy of
+# one image plane (or two output rows), so no loop checks bounds; a row of TW tiles is
+# transformed at once by the C functions of _winograd_rows.h, whose loops over tx the compiler
+# vectorises (16 runs of TW values, one per slab; the slabs are padded apart, see
+# kernels.winograd_slabs).
 
 cdef extern from "_winograd_rows.h" nogil:
-    void winograd_input_row_f(const float* rows, Py_ssize_t stride, Py_ssize_t TW, float* block,
-                              Py_ssize_t block_stride)
-    void winograd_input_row_d(const double* rows, Py_ssize_t stride, Py_ssize_t TW, double* block,
-                              Py_ssize_t block_stride)
-    void winograd_output_row_f(const float* block, Py_ssize_t block_stride, Py_ssize_t TW, float shift,
-                               float* rows, Py_ssize_t stride)
-    void winograd_output_row_d(const double* block, Py_ssize_t block_stride, Py_ssize_t TW, double shift,
-                               double* rows, Py_ssize_t stride)
-    void winograd_output_gradient_row_f(const float* rows, Py_ssize_t stride, Py_ssize_t TW, float* block,
-                                        Py_ssize_t block_stride)
-    void winograd_output_gradient_row_d(const double* rows, Py_ssize_t stride, Py_ssize_t TW, double* block,
-                                        Py_ssize_t block_stride)
-    void winograd_input_gradient_row_f(const float* block, Py_ssize_t block_stride, Py_ssize_t TW, float* part,
+    void winograd_input_row_f(const float* rows, Py_ssize_t stride, Py_ssize_t TW, float* slabs, Py_ssize_t ss)
+    void winograd_input_row_d(const double* rows, Py_ssize_t stride, Py_ssize_t TW, double* slabs, Py_ssize_t ss)
+    void winograd_output_row_f(const float* slabs, Py_ssize_t ss, Py_ssize_t TW, float shift, float* rows,
+                               Py_ssize_t stride)
+    void winograd_output_row_d(const double* slabs, Py_ssize_t ss, Py_ssize_t TW, double shift, double* rows,
+                               Py_ssize_t stride)
+    void winograd_output_gradient_row_f(const float* rows, Py_ssize_t stride, Py_ssize_t TW, float* slabs,
+                                        Py_ssize_t ss)
+    void winograd_output_gradient_row_d(const double* rows, Py_ssize_t stride, Py_ssize_t TW, double* slabs,
+                                        Py_ssize_t ss)
+    void winograd_input_gradient_row_f(const float* slabs, Py_ssize_t ss, Py_ssize_t TW, float* part,
                                        float* rows, Py_ssize_t stride)
-    void winograd_input_gradient_row_d(const double* block, Py_ssize_t block_stride, Py_ssize_t TW,
-                                       double* part, double* rows, Py_ssize_t stride)
+    void winograd_input_gradient_row_d(const double* slabs, Py_ssize_t ss, Py_ssize_t TW, double* part,
+                                       double* rows, Py_ssize_t stride)
     double winograd_sum_f(const float* values, Py_ssize_t n)
     double winograd_sum_d(const double* values, Py_ssize_t n)
-
-
-cdef inline Py_ssize_t _block_tiles(Py_ssize_t TW) noexcept nogil:
-    """Tiles per block: whole rows of TW tiles, at least 64 tiles when rows are short."""
-    return TW * (64 // TW if TW < 64 else 1)
-
-
-cdef inline void _flush_block(const floating_t* block, Py_ssize_t block_tiles, Py_ssize_t count,
-                              floating_t* slabs, Py_ssize_t slab_stride, Py_ssize_t first) noexcept nogil:
-    """slabs[k * slab_stride + first + i] = block[k * block_tiles + i] for i < count, every k."""
-    cdef Py_ssize_t k
-    for k in range(16):
-        memcpy(slabs + k * slab_stride + first, block + k * block_tiles, count * sizeof(floating_t))
-
-
-cdef inline void _fill_block(floating_t* block, Py_ssize_t block_tiles, Py_ssize_t count,
-                             const floating_t* slabs, Py_ssize_t slab_stride, Py_ssize_t first) noexcept nogil:
-    """block[k * block_tiles + i] = slabs[k * slab_stride + first + i] for i < count, every k."""
-    cdef Py_ssize_t k
-    for k in range(16):
-        memcpy(block + k * block_tiles, slabs + k * slab_stride + first, count * sizeof(floating_t))
 
 
 cdef int _input_transform_channel(floating_t[:, :, :, ::1] x, Py_ssize_t c, Py_ssize_t pad, Py_ssize_t TH,
@@ -628,9 +605,8 @@ cdef int _input_transform_channel(floating_t[:, :, :, ::1] x, Py_ssize_t c, Py_s
     """Channel c of every image: V[k * slab_stride + t] = entry k of B^T d B of tile t (from 0).
     Returns 1 if its scratch memory could not be allocated, else 0."""
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], PW = 2 * TW + 2, PH = 2 * TH + 2
-    cdef Py_ssize_t BT = _block_tiles(TW), n, h, ty, first = 0, j = 0
-    cdef floating_t* padded = <floating_t*>malloc((PH * PW + 16 * BT) * sizeof(floating_t))
-    cdef floating_t* block = padded + PH * PW
+    cdef Py_ssize_t n, h, ty, first = 0
+    cdef floating_t* padded = <floating_t*>malloc(PH * PW * sizeof(floating_t))
     if padded == NULL:
         return 1
     memset(padded, 0, PH * PW * sizeof(floating_t))  # the border stays zero: it is the padding
@@ -639,16 +615,10 @@ cdef int _input_transform_channel(floating_t[:, :, :, ::1] x, Py_ssize_t c, Py_s
             memcpy(padded + (h + pad) * PW + pad, &x[n, c, h, 0], W * sizeof(floating_t))
         for ty in range(TH):
             if floating_t is float:
-                winograd_input_row_f(padded + 2 * ty * PW, PW, TW, block + j, BT)
+                winograd_input_row_f(padded + 2 * ty * PW, PW, TW, V + first, slab_stride)
             else:
-                winograd_input_row_d(padded + 2 * ty * PW, PW, TW, block + j, BT)
-            j = j + TW
-            if j == BT:
-                _flush_block(block, BT, j, V, slab_stride, first)
-                first = first + j
-                j = 0
-    if j > 0:
-        _flush_block(block, BT, j, V, slab_stride, first)
+                winograd_input_row_d(padded + 2 * ty * PW, PW, TW, V + first, slab_stride)
+            first = first + TW
     free(padded)
     return 0
 
@@ -668,28 +638,22 @@ def winograd_input_transform(floating_t[:, :, :, ::1] x, Py_ssize_t pad, Py_ssiz
 cdef int _output_transform_channel(const floating_t* M, Py_ssize_t slab_stride, floating_t[:, :, :, ::1] out,
                                    Py_ssize_t f, Py_ssize_t TH, Py_ssize_t TW, floating_t shift) noexcept nogil:
     """Output channel f of every image from its products M[k * slab_stride + t]."""
-    cdef Py_ssize_t N = out.shape[0], OH = out.shape[2], OW = out.shape[3], RW = 2 * TW, T = N * TH * TW
-    cdef Py_ssize_t BT = _block_tiles(TW), n, ty, first = 0, j = 0
-    cdef floating_t* rows = <floating_t*>malloc((2 * RW + 16 * BT) * sizeof(floating_t))
-    cdef floating_t* block = rows + 2 * RW
+    cdef Py_ssize_t N = out.shape[0], OH = out.shape[2], OW = out.shape[3], RW = 2 * TW
+    cdef Py_ssize_t n, ty, first = 0
+    cdef floating_t* rows = <floating_t*>malloc(2 * RW * sizeof(floating_t))
     if rows == NULL:
         return 1
     for n in range(N):
         for ty in range(TH):
-            if j == 0:
-                _fill_block(block, BT, min(BT, T - first), M, slab_stride, first)
             if floating_t is float:
-                winograd_output_row_f(block + j, BT, TW, shift, rows, RW)
+                winograd_output_row_f(M + first, slab_stride, TW, shift, rows, RW)
             else:
-                winograd_output_row_d(block + j, BT, TW, shift, rows, RW)
+                winograd_output_row_d(M + first, slab_stride, TW, shift, rows, RW)
             # the valid part of the two rows (an odd-sized output drops the last row/column)
             memcpy(&out[n, f, 2 * ty, 0], rows, OW * sizeof(floating_t))
             if 2 * ty + 1 < OH:
                 memcpy(&out[n, f, 2 * ty + 1, 0], rows + RW, OW * sizeof(floating_t))
-            j = j + TW
-            if j == BT:
-                first = first + j
-                j = 0
+            first = first + TW
     free(rows)
     return 0
 
@@ -710,10 +674,9 @@ cdef int _output_gradient_channel(floating_t[:, :, :, ::1] dout, Py_ssize_t f, P
                                   floating_t* dM, Py_ssize_t slab_stride, floating_t* dbias) noexcept nogil:
     """Channel f of every image: dM[k * slab_stride + t] = entry k of A dy A^T; *dbias = sum of dout[:, f]."""
     cdef Py_ssize_t N = dout.shape[0], OH = dout.shape[2], OW = dout.shape[3], RW = 2 * TW
-    cdef Py_ssize_t BT = _block_tiles(TW), n, ty, first = 0, j = 0
+    cdef Py_ssize_t n, ty, first = 0
     cdef double total = 0
-    cdef floating_t* rows = <floating_t*>malloc((2 * RW + 16 * BT) * sizeof(floating_t))
-    cdef floating_t* block = rows + 2 * RW
+    cdef floating_t* rows = <floating_t*>malloc(2 * RW * sizeof(floating_t))
     cdef const floating_t* plane
     if rows == NULL:
         return 1
@@ -731,16 +694,10 @@ cdef int _output_gradient_channel(floating_t[:, :, :, ::1] dout, Py_ssize_t f, P
             else:
                 memset(rows + RW, 0, RW * sizeof(floating_t))
             if floating_t is float:
-                winograd_output_gradient_row_f(rows, RW, TW, block + j, BT)
+                winograd_output_gradient_row_f(rows, RW, TW, dM + first, slab_stride)
             else:
-                winograd_output_gradient_row_d(rows, RW, TW, block + j, BT)
-            j = j + TW
-            if j == BT:
-                _flush_block(block, BT, j, dM, slab_stride, first)
-                first = first + j
-                j = 0
-    if j > 0:
-        _flush_block(block, BT, j, dM, slab_stride, first)
+                winograd_output_gradient_row_d(rows, RW, TW, dM + first, slab_stride)
+            first = first + TW
     free(rows)
     dbias[0] = <floating_t>total
     return 0
@@ -762,27 +719,21 @@ cdef int _input_gradient_channel(const floating_t* dV, Py_ssize_t slab_stride, P
                                  Py_ssize_t TW, floating_t[:, :, :, ::1] dx, Py_ssize_t c) noexcept nogil:
     """Channel c of every image of dx from dV[k * slab_stride + t]."""
     cdef Py_ssize_t N = dx.shape[0], H = dx.shape[2], W = dx.shape[3], PW = 2 * TW + 2, PH = 2 * TH + 2
-    cdef Py_ssize_t BT = _block_tiles(TW), T = N * TH * TW, n, h, ty, first = 0, j = 0
-    cdef floating_t* padded = <floating_t*>malloc((PH * PW + 16 * TW + 16 * BT) * sizeof(floating_t))
+    cdef Py_ssize_t n, h, ty, first = 0
+    cdef floating_t* padded = <floating_t*>malloc((PH * PW + 16 * TW) * sizeof(floating_t))
     cdef floating_t* part = padded + PH * PW  # scratch of the row function: 16 x TW
-    cdef floating_t* block = part + 16 * TW
     if padded == NULL:
         return 1
     for n in range(N):
         memset(padded, 0, PH * PW * sizeof(floating_t))
         for ty in range(TH):
-            if j == 0:
-                _fill_block(block, BT, min(BT, T - first), dV, slab_stride, first)
             # rows 2*ty .. 2*ty + 3 of the padded image; the next row of tiles adds onto the
             # last two of them again (tiles overlap by 2 rows)
             if floating_t is float:
-                winograd_input_gradient_row_f(block + j, BT, TW, part, padded + 2 * ty * PW, PW)
+                winograd_input_gradient_row_f(dV + first, slab_stride, TW, part, padded + 2 * ty * PW, PW)
             else:
-                winograd_input_gradient_row_d(block + j, BT, TW, part, padded + 2 * ty * PW, PW)
-            j = j + TW
-            if j == BT:
-                first = first + j
-                j = 0
+                winograd_input_gradient_row_d(dV + first, slab_stride, TW, part, padded + 2 * ty * PW, PW)
+            first = first + TW
         for h in range(H):  # the image's pixels; the padding's gradient is dropped
             memcpy(&dx[n, c, h, 0], padded + (h + pad) * PW + pad, W * sizeof(floating_t))
     free(padded)

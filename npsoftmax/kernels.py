@@ -486,10 +486,11 @@ def winograd_slabs(rows, columns, dtype):
     16 slabs of C-contiguous (rows, columns) matrices, the operands of the 16 GEMMs.
 
     The slabs are not packed back to back: each starts 32 elements after a multiple of 1024
-    elements past the previous one. The Winograd kernels write (or read) the 16 entries of a
-    block of tiles as 16 runs, one per slab; packed slabs of a few MiB lie a multiple of 4 KiB
-    apart, so the 16 runs would compete for the same few cache sets (measured: the output-gradient
-    transform of the default CNN's second conv took 47 ms packed, ~10 ms padded).
+    elements past the previous one. The Winograd kernels write (or read) a row of tiles as 16
+    runs, one per slab; packed slabs of a few MiB lie a multiple of 4 KiB apart, so the 16 runs
+    would compete for the same few cache sets (measured: the output-gradient transform of the
+    default CNN's second conv, one chunk of 10 images, 1.06 ms packed and 0.36 ms padded;
+    ``benchmarks/results/winograd-slab-padding-20261203.txt``).
     """
     dtype = np.dtype(dtype)
     size = rows * columns
@@ -513,7 +514,8 @@ def _check_winograd_arrays(images=(), slabs=()):
     for name, array in slabs:
         if array.ndim != 3 or array.shape[0] != 16 or (
                 array.shape[2] > 1 and array.strides[2] != array.itemsize) or (
-                array.shape[1] > 1 and array.strides[1] != array.shape[2] * array.itemsize):
+                array.shape[1] > 1 and array.strides[1] != array.shape[2] * array.itemsize) or (
+                array.strides[0] < array.shape[1] * array.shape[2] * array.itemsize):  # slabs must not overlap
             raise ValueError(f"{name} must be 16 slabs of C-contiguous matrices, got shape {array.shape} "
                              f"strides {array.strides}")
 
@@ -576,10 +578,9 @@ def winograd_input_gradient_numpy(dV, x_shape, pad):
 
 def winograd_input_transform(x, pad, out, first_tile=0):
     """Write the input tiles' transforms of ``x (n, C, H, W)`` into
-    ``out[:, :, first_tile : first_tile + n*TH*TW]`` (``out``: C-contiguous (16, C, T_total))."""
-    _check_winograd_arrays(images=[("x", x)])
-    if not isinstance(out, np.ndarray) or out.ndim != 3 or out.strides[2] != out.itemsize:
-        raise ValueError(f"out must be a (16, C, T_total) array with contiguous rows, got {getattr(out, 'shape', out)}")
+    ``out[:, :, first_tile : first_tile + n*TH*TW]`` (``out``: (16, C, T_total) slabs, as from
+    :func:`winograd_slabs`). Returns ``out``."""
+    _check_winograd_arrays(images=[("x", x)], slabs=[("out", out)])
     n, C, H, W = x.shape
     TH, TW = winograd_tiles(H, W, pad)
     if out.shape[:2] != (16, C) or out.dtype != x.dtype or first_tile + n * TH * TW > out.shape[2]:

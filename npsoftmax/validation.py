@@ -131,7 +131,8 @@ def check_slab_buffer(name, buffer, shape, dtype):
     check_array(name, buffer)
     if (buffer.shape != tuple(shape) or buffer.dtype != dtype
             or (shape[2] > 1 and buffer.strides[2] != buffer.itemsize)
-            or (shape[1] > 1 and buffer.strides[1] != shape[2] * buffer.itemsize)):
+            or (shape[1] > 1 and buffer.strides[1] != shape[2] * buffer.itemsize)
+            or buffer.strides[0] < shape[1] * shape[2] * buffer.itemsize):
         raise ValueError(f"{name} must be a {np.dtype(dtype)} array of shape {tuple(shape)} made of 16 "
                          f"C-contiguous slabs (kernels.winograd_slabs), got {buffer.dtype} {buffer.shape} "
                          f"with strides {buffer.strides}")

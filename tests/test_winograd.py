@@ -152,6 +152,12 @@ def test_buffer_of_the_wrong_layout_is_refused(rng):
     strided = np.empty((16, shape[1], 2 * shape[2]))[:, :, ::2]
     with pytest.raises(ValueError, match="strides"):
         F.conv_forward(x, w, None, pad=1, cols_out=strided, algorithm="winograd")
+    flat = np.empty(shape[1] * shape[2] + 15)  # 16 "slabs" one element apart: they would overlap
+    overlapping = np.lib.stride_tricks.as_strided(flat, shape, (8, shape[2] * 8, 8))
+    with pytest.raises(ValueError, match="strides"):
+        F.conv_forward(x, w, None, pad=1, cols_out=overlapping, algorithm="winograd")
+    with pytest.raises(ValueError, match="16 slabs of C-contiguous matrices"):
+        kernels.winograd_input_transform(x, 1, overlapping)
 
 
 def test_inference_forward_recomputes_the_tiles_for_a_backward(rng):
