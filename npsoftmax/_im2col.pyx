@@ -10,6 +10,8 @@ and the NumPy reference of each).
   threads write the same memory and col2im needs no atomics. (Looping over images
   outermost instead scatters each image's short blocks over all C*KH*KW rows: 3.5x
   slower for 64 channels of 8x8 images, where a block is 64 values.)
+* the four tile transforms of Winograd's F(2x2, 3x3) (``npsoftmax/winograd.py``), one
+  channel per task, their vectorised row loops in ``_winograd_rows.h``;
 * max pooling over windows that tile the input, with the argmax recorded in the
   forward pass and used to route the gradient in the backward pass;
 * ReLU backward; batch-norm statistics, normalisation and backward, per channel

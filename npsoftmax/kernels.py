@@ -1,6 +1,7 @@
 """The compiled kernels of a training step, one dispatch point between Cython and NumPy:
-im2col / col2im, max pooling with argmax, ReLU backward, batch-norm statistics and
-normalisation, the layout swap around the conv GEMM.
+im2col / col2im, the Winograd F(2x2, 3x3) tile transforms (the algorithm: ``winograd.py``),
+max pooling with argmax, ReLU backward, batch-norm statistics and normalisation, the layout
+swap around the conv GEMM.
 
 A convolution slides a (C, KH, KW) filter over a zero-padded image. ``im2col``
 copies every receptive field into one column, so that the whole convolution
