@@ -179,7 +179,7 @@ def plain_gemm_gflops(model, batch, repeats):
     Returns (label, shape text, GFLOP/s) per conv layer."""
     import numpy as np
 
-    from npsoftmax.functional import conv_algorithm
+    from npsoftmax.functional import conv_algorithm, conv_output_size
     from npsoftmax.profiler import conv_gemm_flops
     from npsoftmax.timing import interleaved_medians
 
@@ -189,7 +189,9 @@ def plain_gemm_gflops(model, batch, repeats):
         rows, inner = module.out_channels, module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         flops = conv_gemm_flops(module, x_shape)[0]
         w_shape = (rows, module.in_channels, *module.kernel_size)
-        if conv_algorithm(w_shape, module.stride, module.algorithm) == "winograd":
+        output_size = tuple(conv_output_size(size, k, module.stride, module.pad)
+                            for size, k in zip(x_shape[2:], module.kernel_size))
+        if conv_algorithm(w_shape, module.stride, module.algorithm, output_size=output_size) == "winograd":
             inner = module.in_channels
             columns = flops // (2 * 16 * rows * inner)
             a = rng.standard_normal((16, rows, inner), dtype=np.float32)
@@ -384,8 +386,8 @@ def run_processes(args, argv, variants, with_torch, torch_missing):
                                                   None if with_torch else torch_missing)
     order = ", ".join(f"{variant} {side}" for variant in variants
                       for side in (("npsoftmax", "torch") if with_torch else ("npsoftmax",)))
-    lines.append(f"method: batch {args.batch}, float32, npsoftmax conv algorithm {args.conv_algorithm!r}; per thread count {args.rounds} round(s) of fresh worker "
-                 f"processes alternating {order}; "
+    lines.append(f"method: batch {args.batch}, float32, npsoftmax conv algorithm {args.conv_algorithm!r}; "
+                 f"per thread count {args.rounds} round(s) of fresh worker processes alternating {order}; "
                  f"each worker: 1 step (its loss is the first loss), {args.warmup} warm-up, {args.repeats} timed "
                  f"steps, then the same for inference; figure = median of the processes' medians, spread = "
                  f"their min-max")
@@ -521,7 +523,8 @@ def build_parser():
                         help="with batch norm, the plain CNN, or both (default)")
     parser.add_argument("--conv-algorithm", choices=["auto", "im2col", "winograd"], default="auto",
                         help="npsoftmax's conv layers: 'auto' (default: Winograd F(2x2,3x3) for the 3x3 convs with "
-                             ">= 16 input channels, im2col for the first) or one algorithm wherever it applies "
+                             ">= 16 input channels and outputs >= 8x8, im2col for the first) or one algorithm "
+                             "wherever it applies "
                              "('winograd' needs 3x3 kernels: all of this model's convs are)")
     parser.add_argument("--profile", action="store_true", help="also print the per-layer npsoftmax profile")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps averaged by --profile (default 5)")

@@ -314,7 +314,7 @@ np.testing.assert_allclose(winograd_1d, direct, rtol=1e-12)
 # %% [markdown]
 # `conv_forward` runs it for 3x3, stride-1 kernels: `algorithm="auto"` picks it when the layer
 # has at least 16 input channels (with 3, a first layer, the 16 products are too thin to
-# gain). Both algorithms compute the same convolution and its exact gradients, up to rounding:
+# gain) and an output of at least 8x8 pixels (on tiny images the transforms' overheads win). Both algorithms compute the same convolution and its exact gradients, up to rounding:
 
 # %%
 x_w = rng.standard_normal((4, 16, 9, 10))

@@ -219,12 +219,14 @@ def _images_per_chunk(N, columns_per_image, rows, itemsize):
 CONV_ALGORITHMS = ("auto", "im2col", "winograd")
 
 
-def conv_algorithm(w_shape, stride, algorithm="auto"):
+def conv_algorithm(w_shape, stride, algorithm="auto", *, output_size=None):
     """The algorithm :func:`conv_forward` runs for a kernel of shape ``w_shape`` (F, C, KH, KW):
     ``"winograd"`` (:mod:`npsoftmax.winograd`, 3x3 kernels with stride 1 only) or ``"im2col"``.
     ``"auto"`` picks Winograd for 3x3, stride-1 kernels with at least ``winograd.MIN_CHANNELS``
     input channels (2.25x fewer multiply-adds; with few input channels its 16 thin products
-    gain nothing over one im2col GEMM)."""
+    gain nothing over one im2col GEMM) whose output ``output_size`` (OH, OW), when given, is at
+    least ``winograd.MIN_OUTPUT_SIZE`` on each side (on smaller images the per-tile-row
+    overheads outweigh the saved multiply-adds)."""
     if algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
     fits = winograd.applies(w_shape, stride)
@@ -232,7 +234,8 @@ def conv_algorithm(w_shape, stride, algorithm="auto"):
         raise ValueError(f"algorithm='winograd' needs a 3x3 kernel and stride 1, got kernel "
                          f"{tuple(w_shape[2:])} and stride {stride}")
     if algorithm == "auto":
-        return "winograd" if fits and w_shape[1] >= winograd.MIN_CHANNELS else "im2col"
+        large = output_size is None or min(output_size) >= winograd.MIN_OUTPUT_SIZE
+        return "winograd" if fits and w_shape[1] >= winograd.MIN_CHANNELS and large else "im2col"
     return algorithm
 
 
@@ -302,7 +305,7 @@ def conv_forward(x, w, b, stride=1, pad=0, *, cols_out=None, keep_cols=True, alg
         check_shape("b", b, (F,))
         check_same_dtype("b", b, "w", w)
     check_bool(keep_cols, "keep_cols")
-    algorithm = conv_algorithm(w.shape, stride, algorithm)
+    algorithm = conv_algorithm(w.shape, stride, algorithm, output_size=(OH, OW))
     if cols_out is not None and not keep_cols:
         raise ValueError("cols_out is only used with keep_cols=True (the cache keeps the columns)")
     x = np.ascontiguousarray(x)
@@ -361,8 +364,8 @@ def conv_backward(dout, cache, *, input_gradient=True):
     check_bool(input_gradient, "input_gradient")
     if isinstance(cache, winograd.WinogradCache):
         x_shape, w = cache.x_shape, cache.w
-        check_upstream(dout, (x_shape[0], w.shape[0], x_shape[2] + 2 * cache.pad - 2,
-                              x_shape[3] + 2 * cache.pad - 2), w.dtype)
+        check_upstream(dout, (x_shape[0], w.shape[0], conv_output_size(x_shape[2], 3, 1, cache.pad),
+                              conv_output_size(x_shape[3], 3, 1, cache.pad)), w.dtype)
         return winograd.backward(dout, cache, input_gradient)
     x_shape, cols, w, stride, pad, has_bias, x = cache
     F, _, KH, KW = w.shape

@@ -43,7 +43,7 @@ import warnings
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .validation import FLOAT_DTYPES, check_int
+from .validation import FLOAT_DTYPES, check_int, check_slabs
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when the OpenMP runtime starts
 
@@ -513,12 +513,7 @@ def _check_winograd_arrays(images=(), slabs=()):
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
     for name, array in slabs:
-        if array.ndim != 3 or array.shape[0] != 16 or (
-                array.shape[2] > 1 and array.strides[2] != array.itemsize) or (
-                array.shape[1] > 1 and array.strides[1] != array.shape[2] * array.itemsize) or (
-                array.strides[0] < array.shape[1] * array.shape[2] * array.itemsize):  # slabs must not overlap
-            raise ValueError(f"{name} must be 16 slabs of C-contiguous matrices, got shape {array.shape} "
-                             f"strides {array.strides}")
+        check_slabs(name, array)
 
 
 def winograd_input_transform_numpy(x, pad):

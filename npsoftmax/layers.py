@@ -158,21 +158,25 @@ class Conv2d(Module):
         F.conv_algorithm(shape, self.stride, algorithm)  # a bad choice fails here, not at the first step
         self._buffers = {}  # reusable scratch array kept for backward: "cols" (im2col) or "tiles" (Winograd)
 
+    def _output_size(self, x):
+        """(OH, OW) of this layer for input ``x``, or None when ``x`` is not a valid input (the
+        functional layer then raises the precise error)."""
+        w = self.params["w"]
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != w.dtype or x.shape[1] != self.in_channels:
+            return None
+        (KH, KW) = self.kernel_size
+        OH = F.conv_output_size(x.shape[2], KH, self.stride, self.pad)
+        OW = F.conv_output_size(x.shape[3], KW, self.stride, self.pad)
+        return (OH, OW) if OH >= 1 and OW >= 1 else None
+
     def _cols_buffer(self, x, algorithm):
         """The buffer a training forward keeps for backward (``F.conv_buffer_shape``: im2col
         columns or Winograd tiles) for input ``x``, kept between steps and reallocated only
         when the shape, dtype or algorithm changes (a fresh allocation of tens of MiB
-        page-faults every step). None when ``x`` is not a valid input: the functional layer
-        then raises the precise error."""
-        w = self.params["w"]
-        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != w.dtype or x.shape[1] != self.in_channels:
+        page-faults every step). None when ``x`` is not a valid input."""
+        if self._output_size(x) is None:
             return None
-        (KH, KW), N = self.kernel_size, x.shape[0]
-        OH = F.conv_output_size(x.shape[2], KH, self.stride, self.pad)
-        OW = F.conv_output_size(x.shape[3], KW, self.stride, self.pad)
-        if OH < 1 or OW < 1:
-            return None
-        shape = F.conv_buffer_shape(x.shape, w.shape, self.stride, self.pad, algorithm)
+        shape = F.conv_buffer_shape(x.shape, self.params["w"].shape, self.stride, self.pad, algorithm)
         name = "tiles" if algorithm == "winograd" else "cols"
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype:
@@ -186,7 +190,7 @@ class Conv2d(Module):
 
     def forward(self, x):
         w, b = self.params["w"], self.params.get("b")
-        algorithm = F.conv_algorithm(w.shape, self.stride, self.algorithm)
+        algorithm = F.conv_algorithm(w.shape, self.stride, self.algorithm, output_size=self._output_size(x))
         if not self.training:
             # Inference keeps no columns (one chunk at a time), so evaluating a big batch
             # does not hold hundreds of MiB; a backward in eval mode recomputes them.

@@ -35,6 +35,7 @@ from collections import defaultdict
 
 from . import sections
 from .functional import conv_algorithm
+from .kernels import winograd_tiles
 from .sections import section  # noqa: F401  (re-exported: profiler.section is the documented name)
 
 __all__ = ["Profiler", "profile", "section", "conv_gemm_flops"]
@@ -64,8 +65,9 @@ def conv_gemm_flops(module, x_shape):
     OW = (W + 2 * module.pad - KW) // module.stride + 1
     forward = 2 * module.out_channels * C * KH * KW * N * OH * OW
     w_shape = (module.out_channels, C, KH, KW)
-    if conv_algorithm(w_shape, module.stride, getattr(module, "algorithm", "auto")) == "winograd":
-        forward = 2 * 16 * module.out_channels * C * N * ((OH + 1) // 2) * ((OW + 1) // 2)
+    if conv_algorithm(w_shape, module.stride, getattr(module, "algorithm", "auto"), output_size=(OH, OW)) == "winograd":
+        TH, TW = winograd_tiles(H, W, module.pad)
+        forward = 2 * 16 * module.out_channels * C * N * TH * TW
     return forward, (2 if getattr(module, "input_gradient", True) else 1) * forward
 
 

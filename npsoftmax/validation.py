@@ -123,19 +123,27 @@ def check_buffer(name, buffer, shape, dtype):
         )
 
 
+def check_slabs(name, array):
+    """``array`` must be a (16, R, T) stack of slabs (``kernels.winograd_slabs``): every slab a
+    C-contiguous (R, T) matrix, slabs any distance apart but not overlapping."""
+    if (array.ndim != 3 or array.shape[0] != 16
+            or (array.shape[2] > 1 and array.strides[2] != array.itemsize)
+            or (array.shape[1] > 1 and array.strides[1] != array.shape[2] * array.itemsize)
+            or array.strides[0] < array.shape[1] * array.shape[2] * array.itemsize):
+        raise ValueError(f"{name} must be 16 slabs of C-contiguous matrices (kernels.winograd_slabs), got "
+                         f"shape {array.shape} strides {array.strides}")
+
+
 def check_slab_buffer(name, buffer, shape, dtype):
-    """An optional (None allowed) Winograd buffer (``kernels.winograd_slabs``): a (16, R, T) array
-    of this shape and dtype whose 16 slabs are C-contiguous matrices (any distance between slabs)."""
+    """An optional (None allowed) Winograd buffer: a ``dtype`` array of this (16, R, T) shape laid
+    out as :func:`check_slabs` requires."""
     if buffer is None:
         return
     check_array(name, buffer)
-    if (buffer.shape != tuple(shape) or buffer.dtype != dtype
-            or (shape[2] > 1 and buffer.strides[2] != buffer.itemsize)
-            or (shape[1] > 1 and buffer.strides[1] != shape[2] * buffer.itemsize)
-            or buffer.strides[0] < shape[1] * shape[2] * buffer.itemsize):
+    if buffer.shape != tuple(shape) or buffer.dtype != dtype:
         raise ValueError(f"{name} must be a {np.dtype(dtype)} array of shape {tuple(shape)} made of 16 "
-                         f"C-contiguous slabs (kernels.winograd_slabs), got {buffer.dtype} {buffer.shape} "
-                         f"with strides {buffer.strides}")
+                         f"C-contiguous slabs (kernels.winograd_slabs), got {buffer.dtype} {buffer.shape}")
+    check_slabs(name, buffer)
 
 
 def check_uint8_images(images, name="images"):

@@ -43,12 +43,15 @@ differ from the direct formula only by rounding). The tile transforms are the Cy
 kernels in ``_im2col.pyx`` (NumPy references in ``kernels.py``); here are the filter
 transforms and the chunked forward/backward that ``functional.conv_forward`` /
 ``conv_backward`` run for 3x3, stride-1 kernels (``algorithm="auto"`` picks it when the
-layer has at least ``MIN_CHANNELS`` input channels: with 3 input channels, as in a first
-layer, the products are too thin to gain over one im2col GEMM).
+layer has at least ``MIN_CHANNELS`` input channels and an output of at least
+``MIN_OUTPUT_SIZE`` pixels a side: with 3 input channels, as in a first layer, the products
+are too thin to gain over one im2col GEMM, and on tiny images the transforms' per-row
+overheads dominate).
 
 Rounding: the transforms add and subtract up to 9 values and halve, so float32 results
-differ from im2col's by a few units in the last place of the largest terms (measured
-relative error ~1e-6 on the default CNN; the tests bound it).
+differ from im2col's by a few units in the last place of the largest terms (2e-7 to 5e-7
+relative to the largest output on small random layers; the tests bound the error on 32
+channels of O(1) data at 2e-5 and at 4x im2col's own).
 """
 
 from typing import NamedTuple, Optional
@@ -58,8 +61,11 @@ import numpy as np
 from . import kernels, parallel
 from .sections import section
 
-#: ``algorithm="auto"`` uses Winograd for 3x3, stride-1 kernels with at least this many input channels.
+#: ``algorithm="auto"`` uses Winograd for 3x3, stride-1 kernels with at least this many input channels
+#: and outputs of at least MIN_OUTPUT_SIZE x MIN_OUTPUT_SIZE pixels (the digits CNN's 4x4 and 2x2
+#: layers took its whole step 10-30% longer with Winograd: benchmarks/results/winograd-layer-sizes-20261203.txt).
 MIN_CHANNELS = 16
+MIN_OUTPUT_SIZE = 8
 
 #: G: the filter transform, U = G g G^T for a 3x3 filter g.
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
@@ -102,22 +108,23 @@ def buffer_shape(x_shape, pad):
     return (16, C, N * TH * TW)
 
 
-def _images_per_chunk(x_shape, F, itemsize):
-    """Images per chunk: about ``functional.CONV_CHUNK_BYTES`` of transformed tiles and products."""
-    from .functional import CONV_CHUNK_BYTES
+def _chunk_size(x_shape, F, pad, itemsize):
+    """Images per chunk: about ``functional.CONV_CHUNK_BYTES`` of transformed tiles and products
+    (16 rows per input and per output channel, one column per tile), as the im2col path sizes
+    its columns."""
+    from .functional import _images_per_chunk  # here: functional imports this module
 
     N, C, H, W = x_shape
-    TH, TW = kernels.winograd_tiles(H, W, 1)
-    per_image = 16 * (C + F) * TH * TW * itemsize
-    return max(1, min(N, CONV_CHUNK_BYTES // max(per_image, 1)))
+    TH, TW = kernels.winograd_tiles(H, W, pad)
+    return parallel.chunk_size(N, _images_per_chunk(N, TH * TW, 16 * (C + F), itemsize))
 
 
 def forward(x, w, b, pad, *, V_out=None, keep_tiles=True):
     """Forward pass of a 3x3, stride-1 convolution (arguments already validated by
     ``functional.conv_forward``): x (N, C, H, W) -> out (N, F, H + 2*pad - 2, W + 2*pad - 2).
 
-    ``V_out`` is an optional C-contiguous buffer of :func:`buffer_shape` to keep the tiles in
-    (the caller must not reuse it before the matching backward). Returns ``(out, cache)``.
+    ``V_out`` is an optional buffer of :func:`buffer_shape` from ``kernels.winograd_slabs`` to keep
+    the tiles in (the caller must not reuse it before the matching backward). Returns ``(out, cache)``.
     """
     N, C, H, W = x.shape
     F = w.shape[0]
@@ -146,7 +153,7 @@ def forward(x, w, b, pad, *, V_out=None, keep_tiles=True):
         with section("winograd transforms"):
             kernels.winograd_output_transform(products, out[start:stop], b)
 
-    parallel.map_chunks(forward_chunk, N, parallel.chunk_size(N, _images_per_chunk(x.shape, F, x.itemsize)))
+    parallel.map_chunks(forward_chunk, N, _chunk_size(x.shape, F, pad, x.itemsize))
     return out, WinogradCache(x.shape, V, U, w, pad, b is not None, None if keep_tiles else x)
 
 
@@ -182,8 +189,7 @@ def backward(dout, cache, input_gradient=True):
                 kernels.winograd_input_gradient(d_tiles, pad, dx[start:stop])
         return dU_part, db_part
 
-    parts = parallel.map_chunks(backward_chunk, N,
-                                parallel.chunk_size(N, _images_per_chunk(x_shape, F, w.itemsize)))
+    parts = parallel.map_chunks(backward_chunk, N, _chunk_size(x_shape, F, pad, w.itemsize))
     # The batch sums, added in chunk order (the same result whichever thread ran which chunk).
     dU, db = parts[0]
     for dU_part, db_part in parts[1:]:

@@ -126,8 +126,21 @@ def test_auto_picks_winograd_for_3x3_stride_1_with_enough_channels():
     assert F.conv_algorithm((8, C - 1, 3, 3), 1) == "im2col"  # a first layer's 3 channels
     assert F.conv_algorithm((8, C, 3, 3), 2) == "im2col"
     assert F.conv_algorithm((8, C, 5, 5), 1) == "im2col"
+    size = winograd.MIN_OUTPUT_SIZE
+    assert F.conv_algorithm((8, C, 3, 3), 1, output_size=(size, size)) == "winograd"
+    assert F.conv_algorithm((8, C, 3, 3), 1, output_size=(size, size - 1)) == "im2col"  # tiny images
+    assert F.conv_algorithm((8, C, 3, 3), 1, "winograd", output_size=(2, 2)) == "winograd"
     assert F.conv_algorithm((8, 1, 3, 3), 1, "winograd") == "winograd"
     assert F.conv_algorithm((8, C, 3, 3), 1, "im2col") == "im2col"
+
+
+def test_layer_and_functional_choose_by_the_output_size(rng):
+    """auto in a layer: Winograd for 16 channels of 8x8 outputs, im2col for 4x4 (what it keeps says which)."""
+    layer = L.Conv2d(16, 4, 3, pad=1, rng=rng)
+    layer.forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32))
+    assert list(layer._buffers) == ["tiles"] and isinstance(layer._cache, winograd.WinogradCache)
+    layer.forward(rng.standard_normal((2, 16, 4, 4)).astype(np.float32))
+    assert list(layer._buffers) == ["cols"] and isinstance(layer._cache, F.ConvCache)
 
 
 def test_bad_algorithm_choices_are_clear_errors(rng):
