@@ -15,7 +15,9 @@ and the NumPy reference of each).
 * max pooling over windows that tile the input, with the argmax recorded in the
   forward pass and used to route the gradient in the backward pass;
 * ReLU backward; batch-norm statistics, normalisation and backward, per channel
-  on NCHW arrays; the axis swap that turns GEMM rows into NCHW and back.
+  on NCHW arrays; the axis swap that turns GEMM rows into NCHW and back;
+* the hierarchical head's tree paths (a walk up the parent pointers per sample) and its
+  row-sparse products (dot products of gathered rows, read in place, and their adjoint).
 
 The loops are typed (``Py_ssize_t`` indices, fused float/double memoryviews) and
 run without the GIL; no Python object is touched inside them. Callers (the
@@ -752,3 +754,90 @@ def winograd_input_gradient(floating_t[:, :, :] dV, Py_ssize_t pad, Py_ssize_t T
         failed += _input_gradient_channel(&dV[0, c, 0], slab_stride, pad, TH, TW, dx, c)
     if failed:
         raise MemoryError("winograd_input_gradient: no memory for a padded image plane")
+
+
+# ----------------------------------------------------------------------------
+# Row-sparse products of the hierarchical head (huge trees; see kernels.py)
+# ----------------------------------------------------------------------------
+# A step of a hierarchical head over K = 10^5 .. 10^6 classes touches a few thousand
+# (sample, weight row) pairs of a table of K - 1 rows. Each pair is one D-vector dot
+# product forward and two D-vector multiply-adds backward: ~1 MFLOP in all, less than
+# NumPy's gathers of (C, D) copies or a dense (N, U) GEMM of mostly zeros cost.
+
+cdef inline floating_t _row_dot(const floating_t* a, const floating_t* b, Py_ssize_t D) noexcept nogil:
+    """a . b over D values, in LANES independent accumulators (vectorised, see _total)."""
+    cdef floating_t lanes[LANES]
+    cdef Py_ssize_t d = 0, k
+    cdef floating_t total
+    for k in range(LANES):
+        lanes[k] = 0
+    while d + LANES <= D:
+        for k in range(LANES):
+            lanes[k] += a[d + k] * b[d + k]
+        d += LANES
+    total = <floating_t>_total(lanes)
+    while d < D:
+        total += a[d] * b[d]
+        d += 1
+    return total
+
+
+def gathered_row_dots(const floating_t[:, ::1] table, const Py_ssize_t[::1] rows, const floating_t[:, ::1] features,
+                      const Py_ssize_t[::1] samples, floating_t[::1] out):
+    """out[c] = table[rows[c]] . features[samples[c]] for every pair c (no (C, D) copies)."""
+    cdef Py_ssize_t C = rows.shape[0], D = table.shape[1], c
+    with nogil:
+        for c in range(C):
+            out[c] = _row_dot(&table[rows[c], 0], &features[samples[c], 0], D)
+
+
+def scatter_row_products(const floating_t[::1] weights, const floating_t[:, ::1] table, const Py_ssize_t[::1] rows,
+                         const floating_t[:, ::1] features, const Py_ssize_t[::1] samples, const Py_ssize_t[::1] slots,
+                         floating_t[:, ::1] dfeatures, floating_t[:, ::1] dslots):
+    """The adjoint of gathered_row_dots, added onto zeroed outputs: for every pair c,
+    dfeatures[samples[c]] += weights[c] * table[rows[c]] and dslots[slots[c]] += weights[c] *
+    features[samples[c]] (slots[c]: the pair's row among the distinct rows). One thread: two pairs
+    may share a sample or a slot, so the adds of one output row must not race."""
+    cdef Py_ssize_t C = rows.shape[0], D = table.shape[1], c, d
+    cdef floating_t weight
+    cdef floating_t* target
+    cdef const floating_t* source
+    with nogil:
+        for c in range(C):
+            weight = weights[c]
+            target = &dfeatures[samples[c], 0]
+            source = &table[rows[c], 0]
+            for d in range(D):
+                target[d] += weight * source[d]
+            target = &dslots[slots[c], 0]
+            source = &features[samples[c], 0]
+            for d in range(D):
+                target[d] += weight * source[d]
+
+
+def tree_paths(const Py_ssize_t[::1] y, const Py_ssize_t[::1] step_first, const Py_ssize_t[::1] leaf_parent,
+               const Py_ssize_t[::1] leaf_position, const Py_ssize_t[::1] node_parent,
+               const Py_ssize_t[::1] node_position,
+               Py_ssize_t[::1] nodes, Py_ssize_t[::1] positions):
+    """Every decision on the paths of the classes y (N,), leaf to root: sample i's steps are
+    entries step_first[i] .. step_first[i + 1] - 1 (step_first has N + 1 entries) of nodes (the
+    internal node) and positions (the child taken there). Returns the number of samples whose
+    path did not end at the root (node_parent -1) after exactly their number of steps (0 for a
+    consistent tree; nothing is written past a sample's own entries either way)."""
+    cdef Py_ssize_t N = y.shape[0], i, s, end, node, position
+    cdef Py_ssize_t mismatched = 0
+    with nogil:
+        for i in range(N):
+            s = step_first[i]
+            end = step_first[i + 1]
+            node = leaf_parent[y[i]]
+            position = leaf_position[y[i]]
+            while s < end and node >= 0:
+                nodes[s] = node
+                positions[s] = position
+                s += 1
+                position = node_position[node]
+                node = node_parent[node]
+            if s != end or node >= 0:
+                mismatched += 1
+    return mismatched

@@ -1,7 +1,7 @@
 """The compiled kernels of a training step, one dispatch point between Cython and NumPy:
 im2col / col2im, the Winograd F(2x2, 3x3) tile transforms (the algorithm: ``winograd.py``),
 max pooling with argmax, ReLU backward, batch-norm statistics and normalisation, the layout
-swap around the conv GEMM.
+swap around the conv GEMM, and the hierarchical head's tree paths and row-sparse products.
 
 A convolution slides a (C, KH, KW) filter over a zero-padded image. ``im2col``
 copies every receptive field into one column, so that the whole convolution
@@ -631,3 +631,127 @@ def winograd_input_gradient(dV, pad, out):
     else:
         _extension.winograd_input_gradient(dV, pad, TH, TW, out)
     return out
+
+
+# ----------------------------------------------------------------------------
+# Row-sparse products of the hierarchical head (the math: heads/hierarchical.py)
+# ----------------------------------------------------------------------------
+def _check_indices(name, indices, size, bound):
+    """``indices`` as a contiguous (size,) np.intp array with every entry in [0, bound)."""
+    indices = np.asarray(indices)
+    if indices.shape != (size,) or indices.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array of shape ({size},), got {indices.shape} {indices.dtype}")
+    if size and (indices.min() < 0 or indices.max() >= bound):
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in "
+                         f"[{indices.min()}, {indices.max()}]")
+    return np.ascontiguousarray(indices, dtype=np.intp)
+
+
+def _check_row_tables(table, features):
+    _check_float_array("table", table)
+    _check_float_array("features", features)
+    if table.ndim != 2 or features.ndim != 2 or features.shape[1] != table.shape[1] or features.dtype != table.dtype:
+        raise ValueError(f"table (R, D) and features (N, D) must be 2-D arrays of one dtype and D, got "
+                         f"{table.shape} {table.dtype} and {features.shape} {features.dtype}")
+
+
+def gathered_row_dots_numpy(table, rows, features, samples):
+    return np.einsum("cd,cd->c", table[rows], features[samples])
+
+
+def gathered_row_dots(table, rows, features, samples):
+    """``scores (C,)``: ``scores[c] = table[rows[c]] . features[samples[c]]``.
+
+    ``table (R, D)`` (a head's weight rows), ``features (N, D)`` of one float dtype; ``rows`` and
+    ``samples`` are (C,) indices into them. The compiled kernel reads both rows in place, where
+    NumPy first copies the C pairs of D-vectors (two (C, D) gathers).
+    """
+    _check_row_tables(table, features)
+    rows = _check_indices("rows", rows, np.size(rows), table.shape[0])
+    samples = _check_indices("samples", samples, rows.size, features.shape[0])
+    if _extension is None:
+        return gathered_row_dots_numpy(table, rows, features, samples)
+    out = np.empty(rows.size, dtype=table.dtype)
+    _extension.gathered_row_dots(np.ascontiguousarray(table), rows, np.ascontiguousarray(features), samples, out)
+    return out
+
+
+def scatter_row_products_numpy(weights, table, rows, features, samples, slots, n_slots):
+    dfeatures = np.zeros_like(features)
+    np.add.at(dfeatures, samples, weights[:, None] * table[rows])
+    dslots = np.zeros((n_slots, table.shape[1]), dtype=table.dtype)
+    np.add.at(dslots, slots, weights[:, None] * features[samples])
+    return dfeatures, dslots
+
+
+def scatter_row_products(weights, table, rows, features, samples, slots, n_slots):
+    """The adjoint of :func:`gathered_row_dots` for upstream gradients ``weights (C,)``.
+
+    Returns ``(dfeatures (N, D), dslots (n_slots, D))`` with, summed over the pairs c,
+    ``dfeatures[samples[c]] += weights[c] * table[rows[c]]`` (the gradient of the scores with
+    respect to ``features``) and ``dslots[slots[c]] += weights[c] * features[samples[c]]`` (with
+    respect to the rows, one output row per distinct row: ``slots`` maps each pair to it, as
+    ``np.unique(rows, return_inverse=True)`` does).
+    """
+    _check_row_tables(table, features)
+    rows = _check_indices("rows", rows, np.size(rows), table.shape[0])
+    samples = _check_indices("samples", samples, rows.size, features.shape[0])
+    n_slots = check_int(n_slots, "n_slots", minimum=0)
+    slots = _check_indices("slots", slots, rows.size, n_slots)
+    weights = np.asarray(weights)
+    if weights.shape != rows.shape or weights.dtype != table.dtype:
+        raise ValueError(f"weights must be a {table.dtype} array of shape {rows.shape}, got "
+                         f"{weights.shape} {weights.dtype}")
+    if _extension is None:
+        return scatter_row_products_numpy(weights, table, rows, features, samples, slots, n_slots)
+    dfeatures = np.zeros_like(features, order="C")
+    dslots = np.zeros((n_slots, table.shape[1]), dtype=table.dtype)
+    _extension.scatter_row_products(np.ascontiguousarray(weights), np.ascontiguousarray(table), rows,
+                                    np.ascontiguousarray(features), samples, slots, dfeatures, dslots)
+    return dfeatures, dslots
+
+
+def tree_paths_numpy(y, leaf_parent, leaf_position, node_parent, node_position):
+    # One level per iteration for the whole batch at once (-1 marks samples already at the root).
+    nodes, positions = [leaf_parent[y]], [leaf_position[y]]
+    while True:
+        current = nodes[-1]
+        has_parent = node_parent[np.maximum(current, 0)] >= 0
+        has_parent &= current >= 0
+        if not has_parent.any():
+            break
+        safe = np.where(has_parent, current, 0)
+        nodes.append(np.where(has_parent, node_parent[safe], -1))
+        positions.append(np.where(has_parent, node_position[safe], -1))
+    path_nodes, path_positions = np.stack(nodes, axis=1), np.stack(positions, axis=1)
+    on_path = path_nodes >= 0  # (N, L); row-major nonzero keeps steps sample-major
+    return np.nonzero(on_path)[0], path_nodes[on_path], path_positions[on_path]
+
+
+def tree_paths(y, depth, leaf_parent, leaf_position, node_parent, node_position):
+    """Every decision on the paths from the classes ``y (N,)`` up to the root of a tree.
+
+    The tree is given by parent pointers (``heads/trees.py``'s ``Tree`` arrays): class k hangs
+    below internal node ``leaf_parent[k]`` as its child ``leaf_position[k]``, ``depth[k]`` steps
+    below the root; internal node m below ``node_parent[m]`` (-1 for the root) as its child
+    ``node_position[m]``. The arrays must describe one tree (a ``Tree``'s do); only ``y`` is
+    checked here, once per call.
+
+    Returns ``(sample, node, position)``, each (S,) with S = ``depth[y].sum()``: step s is sample
+    ``sample[s]`` taking child ``position[s]`` at internal node ``node[s]``; the steps are
+    sample-major (``sample`` sorted) and leaf-to-root within a sample.
+    """
+    y = _check_indices("y", y, np.size(y), leaf_parent.size)
+    if _extension is None:
+        return tree_paths_numpy(y, leaf_parent, leaf_position, node_parent, node_position)
+    lengths = depth[y]
+    step_first = np.zeros(y.size + 1, dtype=np.intp)
+    np.cumsum(lengths, out=step_first[1:])
+    nodes = np.empty(step_first[-1], dtype=np.intp)
+    positions = np.empty(step_first[-1], dtype=np.intp)
+    mismatched = _extension.tree_paths(y, step_first, leaf_parent, leaf_position, node_parent, node_position,
+                                       nodes, positions)
+    if mismatched:
+        raise ValueError(f"tree_paths: depth disagrees with the parent pointers for {mismatched} of the "
+                         f"{y.size} classes")
+    return np.repeat(np.arange(y.size), lengths), nodes, positions

@@ -103,6 +103,24 @@ def test_alternative_paths_give_the_same_loss_and_gradients(monkeypatch, switch)
         np.testing.assert_allclose(head.grads[name], grads[name], rtol=1e-12, atol=1e-15)
 
 
+def test_large_tree_step_on_the_numpy_fallback_matches_the_compiled_kernels(monkeypatch):
+    """A tree large enough for the path-entries-only products (kernels.gathered_row_dots,
+    scatter_row_products, tree_paths): the NumPy references give the same step."""
+    import npsoftmax.kernels as kernels
+
+    rng = np.random.default_rng(7)
+    head = HierarchicalSoftmaxHead(5, 3000, rng=rng, dtype=np.float64)
+    h, y = rng.standard_normal((40, 5)), rng.integers(0, 3000, 40)
+    results = []
+    for extension in (kernels._extension, None):
+        monkeypatch.setattr(kernels, "_extension", extension)
+        loss = head.forward(h, y)
+        assert head._cache[-1] is False  # the step took the path-entries-only products
+        results.append([np.array(loss), head.backward(), head.row_grads["node_W"][1], head.row_grads["node_b"][1]])
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_sparse_sgd_step_equals_dense_sgd():
     rng = np.random.default_rng(5)
     sparse = HierarchicalSoftmaxHead(4, 64, rng=np.random.default_rng(0), dtype=np.float64)

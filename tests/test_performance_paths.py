@@ -20,6 +20,7 @@ from naive_reference import naive_conv, naive_max_pool, naive_relu
 from npsoftmax import functional as F
 from npsoftmax import kernels
 from npsoftmax import layers as L
+from npsoftmax.heads import Tree, balanced_tree
 from npsoftmax.models import build_model
 from npsoftmax.optim import SGD
 from npsoftmax.profiler import Profiler, conv_gemm_flops, profile, section
@@ -445,6 +446,125 @@ def test_numpy_fallback_step_matches_the_compiled_step(batch_norm, rng, dtype, m
         assert got.dtype == dtype
         np.testing.assert_allclose(got, expected, rtol=1e-4 if dtype == np.float32 else 1e-10,
                                    atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Row-sparse products and tree paths of the hierarchical head
+# ----------------------------------------------------------------------------
+def _row_pairs(rng, dtype, n_rows=9, n_samples=4, n_pairs=23, features=7):
+    """A small table, features and pairs with repeated rows and samples (sample-major, as the head)."""
+    table = rng.standard_normal((n_rows, features)).astype(dtype)
+    h = rng.standard_normal((n_samples, features)).astype(dtype)
+    rows = rng.integers(0, n_rows, n_pairs)
+    samples = np.sort(rng.integers(0, n_samples, n_pairs))
+    return table, h, rows, samples
+
+
+@pytest.mark.parametrize("features", [1, 7, 16, 37])
+def test_gathered_row_dots_match_a_loop(features, rng, dtype):
+    table, h, rows, samples = _row_pairs(rng, dtype, features=features)
+    got = kernels.gathered_row_dots(table, rows, h, samples)
+    expected = [float(np.dot(table[r].astype(np.float64), h[i].astype(np.float64))) for r, i in zip(rows, samples)]
+    assert got.dtype == dtype and got.shape == rows.shape
+    np.testing.assert_allclose(got, expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("features", [1, 7, 37])
+def test_scatter_row_products_is_the_gradient_of_the_row_dots(features, rng, dtype):
+    """dfeatures and dslots are d/d(h) and d/d(table[unique rows]) of sum_c w_c * dots_c, written as
+    explicit loops; every pair is added (rows and samples repeat)."""
+    table, h, rows, samples = _row_pairs(rng, dtype, features=features)
+    unique, slots = np.unique(rows, return_inverse=True)
+    weights = rng.standard_normal(rows.size).astype(dtype)
+    dfeatures, dslots = kernels.scatter_row_products(weights, table, rows, h, samples, slots, unique.size)
+    expected_dfeatures = np.zeros(h.shape)
+    expected_dslots = np.zeros((unique.size, features))
+    for c in range(rows.size):
+        expected_dfeatures[samples[c]] += float(weights[c]) * table[rows[c]]
+        expected_dslots[np.searchsorted(unique, rows[c])] += float(weights[c]) * h[samples[c]]
+    assert dfeatures.dtype == dslots.dtype == dtype
+    np.testing.assert_allclose(dfeatures, expected_dfeatures, **tolerance(dtype))
+    np.testing.assert_allclose(dslots, expected_dslots, **tolerance(dtype))
+    # and the adjoint identity <w, dots(table + t, h)> is linear in t with gradient dslots
+    if dtype == np.float64:
+        t = rng.standard_normal((unique.size, features))
+        shifted = table.copy()
+        shifted[unique] += t
+        change = weights @ kernels.gathered_row_dots(shifted, rows, h, samples) - weights @ kernels.gathered_row_dots(
+            table, rows, h, samples)
+        assert change == pytest.approx(np.sum(t * dslots), rel=1e-10)
+
+
+def test_row_kernels_agree_with_their_numpy_references_and_fallback(rng, dtype, monkeypatch):
+    table, h, rows, samples = _row_pairs(rng, dtype, n_pairs=40)
+    unique, slots = np.unique(rows, return_inverse=True)
+    weights = rng.standard_normal(rows.size).astype(dtype)
+    compiled = [kernels.gathered_row_dots(table, rows, h, samples),
+                *kernels.scatter_row_products(weights, table, rows, h, samples, slots, unique.size)]
+    references = [kernels.gathered_row_dots_numpy(table, rows, h, samples),
+                  *kernels.scatter_row_products_numpy(weights, table, rows, h, samples, slots, unique.size)]
+    monkeypatch.setattr(kernels, "_extension", None)
+    fallback = [kernels.gathered_row_dots(table, rows, h, samples),
+                *kernels.scatter_row_products(weights, table, rows, h, samples, slots, unique.size)]
+    for got, reference, numpy_path in zip(compiled, references, fallback):
+        np.testing.assert_allclose(got, reference, **tolerance(dtype))
+        np.testing.assert_allclose(numpy_path, reference, **tolerance(dtype))
+
+
+def test_row_kernels_handle_no_pairs_and_reject_bad_indices(rng):
+    table, h, _, _ = _row_pairs(rng, np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+    assert kernels.gathered_row_dots(table, empty, h, empty).shape == (0,)
+    dfeatures, dslots = kernels.scatter_row_products(np.zeros(0, np.float32), table, empty, h, empty, empty, 0)
+    assert not dfeatures.any() and dslots.shape == (0, table.shape[1])
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 9\)"):
+        kernels.gathered_row_dots(table, np.array([0, 9]), h, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"samples must lie in \[0, 4\)"):
+        kernels.gathered_row_dots(table, np.array([0, 1]), h, np.array([0, -1]))
+    with pytest.raises(ValueError, match="samples must be an integer array of shape"):
+        kernels.gathered_row_dots(table, np.array([0, 1]), h, np.array([0]))
+    with pytest.raises(ValueError, match="table .* and features .* must be 2-D arrays of one dtype"):
+        kernels.gathered_row_dots(table, np.array([0]), h.astype(np.float64), np.array([0]))
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 1\)"):
+        kernels.scatter_row_products(np.ones(2, np.float32), table, np.array([0, 1]), h, np.array([0, 1]),
+                                     np.array([0, 1]), 1)
+    with pytest.raises(ValueError, match="weights must be a float32 array of shape"):
+        kernels.scatter_row_products(np.ones(2), table, np.array([0, 1]), h, np.array([0, 1]), np.array([0, 1]), 2)
+
+
+TREES_FOR_PATHS = {
+    "balanced-binary": lambda: balanced_tree(37),
+    "ternary": lambda: balanced_tree(50, 3),
+    "nested": lambda: Tree.from_nested([[0, 1, [2, 3, 4, 5]], 6, [7, [8, 9]]]),
+    "one-node": lambda: balanced_tree(3, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(TREES_FOR_PATHS))
+def test_tree_paths_match_the_tree_definition(name, rng, monkeypatch):
+    """Leaf to root, sample-major, against Tree.path (root first) reversed; the NumPy fallback too."""
+    tree = TREES_FOR_PATHS[name]()
+    node_position = np.where(tree.node_edge >= 0, tree.edge_position[tree.node_edge], -1)
+    y = rng.integers(0, tree.n_classes, 17)
+    y[0] = y[-1]  # a repeated class
+    expected = [(i, node, position) for i, k in enumerate(y) for node, position in tree.path(k)[::-1]]
+    for extension in (kernels._extension, None):
+        monkeypatch.setattr(kernels, "_extension", extension)
+        sample, node, position = kernels.tree_paths(y, tree.depth, tree.leaf_parent, tree.leaf_position,
+                                                    tree.node_parent, node_position)
+        assert list(zip(sample.tolist(), node.tolist(), position.tolist())) == expected
+
+
+@compiled_only
+def test_tree_paths_refuses_a_depth_that_disagrees_with_the_parents():
+    tree = balanced_tree(8)
+    node_position = np.where(tree.node_edge >= 0, tree.edge_position[tree.node_edge], -1)
+    with pytest.raises(ValueError, match="depth disagrees with the parent pointers for 1 of the 2 classes"):
+        kernels.tree_paths(np.array([0, 5]), np.where(np.arange(8) == 5, 2, tree.depth), tree.leaf_parent,
+                           tree.leaf_position, tree.node_parent, node_position)
+    with pytest.raises(ValueError, match=r"y must lie in \[0, 8\)"):
+        kernels.tree_paths(np.array([8]), tree.depth, tree.leaf_parent, tree.leaf_position, tree.node_parent,
+                           node_position)
 
 
 # ----------------------------------------------------------------------------

@@ -19,13 +19,19 @@ choice, in node order and child order; rows are D-vectors so a row gather is one
 contiguous copy) and ``node_b`` is ``(K - 1,)``.
 
 Training touches only the nodes on the targets' paths: O(N D depth) per step
-instead of O(N D K). The forward climbs from every target leaf to the root, one
-level per iteration for the whole batch at once. The backward collects the
-gradient of every touched row with one small dense product: with ``U`` distinct
-touched rows (``np.unique``) and ``A (N, U)`` the summed score gradients of sample
-i at row u (``np.bincount``),
+instead of O(N D K). The forward climbs from every target leaf to the root
+(``kernels.tree_paths``). Each of the C path entries (sample i, weight row r) needs
+one score ``node_W[r] . h[i]``. Small trees (few distinct touched rows U, shared by
+the whole batch, e.g. CIFAR-100's 20 superclasses) compute all N x U scores with one
+GEMM and collect the backward with two: with ``A (N, U)`` the summed score gradients
+of sample i at touched row u (``np.bincount``),
 
     dh = A @ node_W[rows],   d node_W[rows] = A^T @ h,   d node_b[rows] = sum_i A
+
+Large trees (U close to C, e.g. 10^5 .. 10^6 classes, where A is mostly zeros)
+compute only the C entries, reading the rows in place: ``kernels.gathered_row_dots``
+forward and its adjoint ``kernels.scatter_row_products`` backward (the same sums,
+added pair by pair). ``_GEMM_SCORE_FACTOR`` chooses between the two.
 
 Gradients and huge K (``RowSparseHead``). ``grads["node_W"]`` / ``grads["node_b"]`` are
 dense arrays of the parameters' shapes (what any optimizer expects), but each ``backward``
@@ -68,15 +74,16 @@ import heapq
 
 import numpy as np
 
-from .. import parallel
+from .. import kernels, parallel
 from .base import RowSparseHead, linear_weight
 from .trees import Tree, balanced_tree, huffman_tree, tree_from_groups
 
-#: Above this many (sample, touched row) pairs the backward scatters with np.add.at
-#: instead of building the (N, U) matrix A (only reached for very large batches).
+#: Above this many (sample, touched row) pairs the step never builds the (N, U) matrix A.
 _DENSE_SCATTER_LIMIT = 1 << 22
-#: The forward scores all (sample, touched row) pairs with one GEMM while there are at
-#: most this many times as many pairs as path entries; otherwise it gathers rows per entry.
+#: A step scores all (sample, touched row) pairs with one GEMM (and sums the backward with
+#: two) while there are at most this many times as many pairs as path entries; otherwise
+#: it computes only the path entries' products (kernels.gathered_row_dots and
+#: kernels.scatter_row_products).
 _GEMM_SCORE_FACTOR = 16
 #: log_prob/predict are evaluated in row chunks with at most this many (row, edge) entries.
 _PREDICT_CHUNK_ENTRIES = 1 << 23
@@ -173,24 +180,13 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         """Every decision on the targets' paths, as flat (S,) arrays, sample by sample.
 
         Returns ``(sample, node, position)``: step s is sample ``sample[s]`` choosing
-        child ``position[s]`` at internal node ``node[s]``; ``sample`` is sorted. The
-        climb goes from every target's leaf to the root, one level per iteration for
-        the whole batch at once (-1 marks samples that already reached the root).
+        child ``position[s]`` at internal node ``node[s]``; ``sample`` is sorted, and a
+        sample's steps go from its leaf up to the root (``kernels.tree_paths``: a compiled
+        walk up the parent pointers, or level by level for the whole batch in NumPy).
         """
         t = self.tree
-        nodes, positions = [t.leaf_parent[y]], [t.leaf_position[y]]
-        while True:
-            current = nodes[-1]
-            has_parent = current > 0  # the root (node 0) has none
-            if not has_parent.any():
-                break
-            safe = np.where(has_parent, current, 0)
-            nodes.append(np.where(has_parent, t.node_parent[safe], -1))
-            positions.append(np.where(has_parent, self._node_position[safe], -1))
-        path_nodes, path_positions = np.stack(nodes, axis=1), np.stack(positions, axis=1)
-        on_path = path_nodes >= 0  # (N, L); row-major nonzero keeps steps sample-major
-        step_sample = np.nonzero(on_path)[0]
-        return step_sample, path_nodes[on_path], path_positions[on_path]
+        return kernels.tree_paths(y, t.depth, t.leaf_parent, t.leaf_position, t.node_parent,
+                                  self._node_position)
 
     def _choices(self, step_node):
         """Expand steps into their node's weight rows (a node has arity - 1 of them).
@@ -214,15 +210,19 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         step_first, step_of, row = self._choices(step_node)
         choice_sample = step_sample[step_of]
         rows, inverse = np.unique(row, return_inverse=True)
-        weight_rows = self.params["node_W"][rows]  # (U, D): each touched row copied once
+        weights = self.params["node_W"]
         # The C path scores, each a dot product of a touched row with its sample's h.
         # Small trees (few distinct rows U, shared by all samples): one (N, U) GEMM and
-        # pick the entries; BLAS is ~16x faster per dot product than gathering (C, D)
-        # copies. Large trees (U ~ C): gather only the C needed pairs.
-        if n_samples * rows.size <= _GEMM_SCORE_FACTOR * row.size:
+        # pick the entries; BLAS is ~16x faster per dot product than one dot at a time.
+        # Large trees (U ~ C): the C needed dot products only, read in place
+        # (kernels.gathered_row_dots), and the backward scatters them likewise.
+        dense = n_samples * rows.size <= min(_GEMM_SCORE_FACTOR * row.size, _DENSE_SCATTER_LIMIT)
+        if dense:
+            weight_rows = weights[rows]  # (U, D): each touched row copied once
             scores = parallel.matmul(h, weight_rows.T)[choice_sample, inverse]
         else:
-            scores = np.einsum("cd,cd->c", weight_rows[inverse], h[choice_sample])
+            weight_rows = None
+            scores = kernels.gathered_row_dots(weights, row, h, choice_sample)
         scores += self.params["node_b"][rows][inverse]
         log_normaliser = _segment_log_normaliser(scores, step_first, step_of)
         # The target child's score: its row's score, or 0 for the reference (last) child.
@@ -238,16 +238,17 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         dscores = np.exp(scores - log_normaliser[step_of])
         dscores[chosen_entry] -= 1
         dscores *= sample_weight[choice_sample].astype(self.dtype)
-        self._cache = (h, choice_sample, rows, inverse, dscores, weight_rows)
+        self._cache = (h, choice_sample, row, rows, inverse, dscores, weight_rows if dense else weights, dense)
         return float(loss)
 
     def backward(self):
         """Returns ``dh (N, D)``; writes the touched rows of ``grads`` and ``row_grads``."""
-        h, choice_sample, rows, inverse, dscores, weight_rows = self._take_cache()
+        h, choice_sample, row, rows, inverse, dscores, weights, dense = self._take_cache()
         n_samples, n_rows = h.shape[0], rows.size
-        # Score c = node_W[rows[u]] . h[i] + node_b[rows[u]] (u = inverse[c], i = sample c)
-        # sends dscore_c * node_W[rows[u]] to dh[i] and dscore_c * h[i] to row u.
-        if n_samples * n_rows <= _DENSE_SCATTER_LIMIT:
+        # Score c = node_W[row[c]] . h[i] + node_b[row[c]] (i = choice_sample[c], row[c] =
+        # rows[inverse[c]]) sends dscore_c * node_W[row[c]] to dh[i] and dscore_c * h[i] to
+        # the gradient of touched row inverse[c].
+        if dense:  # weights: the (U, D) touched rows
             # Sum them with one small dense matrix: A[i, u] = total dscore of sample i at
             # touched row u (np.bincount), then two GEMMs. Several times faster than
             # np.add.at (unbuffered) or np.add.reduceat over rows of a (C, D) array.
@@ -255,14 +256,12 @@ class HierarchicalSoftmaxHead(RowSparseHead):
                                        minlength=n_samples * n_rows)
             score_matrix = score_matrix.reshape(n_samples, n_rows).astype(self.dtype)
             # (On the thread pool when there is one: npsoftmax.parallel.matmul.)
-            dh = parallel.matmul(score_matrix, weight_rows)
+            dh = parallel.matmul(score_matrix, weights)
             dweight_rows = parallel.matmul(score_matrix.T, h)
             dbias_rows = score_matrix.sum(axis=0)
-        else:  # a huge batch: A would be big and mostly zeros, so scatter the (C, D) terms
-            dh = np.zeros_like(h)
-            np.add.at(dh, choice_sample, dscores[:, None] * weight_rows[inverse])
-            dweight_rows = np.zeros_like(weight_rows)
-            np.add.at(dweight_rows, inverse, dscores[:, None] * h[choice_sample])
+        else:  # weights: the whole (K - 1, D) table; A would be big and mostly zeros
+            dh, dweight_rows = kernels.scatter_row_products(dscores, weights, row, h, choice_sample,
+                                                            inverse, n_rows)
             dbias_rows = np.bincount(inverse, weights=dscores, minlength=n_rows).astype(self.dtype)
         self._write_row_grads(rows, {"node_W": dweight_rows, "node_b": dbias_rows})
         return dh
