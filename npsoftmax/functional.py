@@ -96,6 +96,16 @@ class SpatialBatchNormCache(NamedTuple):
     training: bool
 
 
+class BatchNormMaxPoolCache(NamedTuple):
+    x: np.ndarray            # (N, C, H, W), the batch norm's input
+    mean: np.ndarray         # (C,) as in SpatialBatchNormCache
+    inv_std: np.ndarray      # (C,)
+    gamma: np.ndarray        # (C,)
+    training: bool
+    size: int                # pool window and stride
+    argmax: np.ndarray       # (N, C, H/size, W/size) int32, as MaxPoolCache's on the "reshape" path
+
+
 class DropoutCache(NamedTuple):
     shape: tuple
     dtype: np.dtype
@@ -667,6 +677,18 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
     out : ndarray (N, C, H, W)
     cache : SpatialBatchNormCache, for :func:`spatial_batchnorm_backward`
     """
+    mean, inv_std = _spatial_batchnorm_statistics(x, gamma, beta, running_mean, running_var, training,
+                                                  momentum, eps)
+    out = kernels.batchnorm_normalize(x, mean, inv_std, gamma, beta)
+    # The cache keeps x (as affine and relu do) and the statistics: backward recomputes
+    # xhat = (x - mean) * inv_std on the fly instead of this pass writing it out. The
+    # statistics are copied because in eval mode they are the live running buffers.
+    return out, SpatialBatchNormCache(x, mean.copy(), inv_std, gamma, bool(training))
+
+
+def _spatial_batchnorm_statistics(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+    """Validate, and return the (mean, inv_std) (C,) a spatial batch norm normalises x with
+    (training: the batch's, and the running buffers are updated in place; eval: the buffers')."""
     check_ndim("x", x, 4, "(N, C, H, W)")
     momentum, eps = _check_batchnorm_arguments(x, gamma, beta, running_mean, running_var, momentum, eps)
     N, C, H, W = x.shape
@@ -686,12 +708,7 @@ def spatial_batchnorm_forward(x, gamma, beta, running_mean, running_var, trainin
         running_var += momentum * (var * (count / (count - 1)))  # unbiased, as PyTorch
     else:
         mean, var = running_mean, running_var
-    inv_std = 1.0 / np.sqrt(var + eps)
-    out = kernels.batchnorm_normalize(x, mean, inv_std, gamma, beta)
-    # The cache keeps x (as affine and relu do) and the statistics: backward recomputes
-    # xhat = (x - mean) * inv_std on the fly instead of this pass writing it out. The
-    # statistics are copied because in eval mode they are the live running buffers.
-    return out, SpatialBatchNormCache(x, mean.copy(), inv_std, gamma, bool(training))
+    return mean, 1.0 / np.sqrt(var + eps)
 
 
 def spatial_batchnorm_backward(dout, cache):
@@ -710,6 +727,68 @@ def spatial_batchnorm_backward(dout, cache):
     check_upstream(dout, x.shape, x.dtype)
     # batchnorm_backward's compact formula, per channel over (N, H, W).
     return kernels.batchnorm_backward(dout, x, mean, inv_std, gamma, training)
+
+
+def pool_tiles(x_shape, size, stride):
+    """True when ``size x size`` windows moved by ``stride`` tile an (N, C, H, W) input exactly
+    (``stride == size``, H and W multiples of it): the pools that
+    :func:`spatial_batchnorm_max_pool_forward` fuses (windows up to 8 x 8)."""
+    return size == stride and size <= 8 and x_shape[2] % size == 0 and x_shape[3] % size == 0
+
+
+def spatial_batchnorm_max_pool_forward(x, gamma, beta, running_mean, running_var, size, training=True,
+                                       momentum=0.1, eps=1e-5):
+    """:func:`spatial_batchnorm_forward` followed by max pooling over ``size x size`` windows
+    that tile the image (:func:`max_pool_forward` with ``stride == size``), in one pass.
+
+    The same numbers as the two apart (the normalised values are computed by the same formula
+    and pooled by the same comparisons), without writing the normalised (N, C, H, W) image and
+    reading it back; the backward never builds the pool's full-size gradient, which is zero in
+    all but one element of every window. ``layers.Sequential`` runs a ``BatchNorm2d`` followed by
+    a tiling ``MaxPool2d`` this way.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), H and W multiples of ``size``
+    gamma, beta, running_mean, running_var : ndarray (C,), dtype of ``x``
+    size : int, 1 .. 8, window size and stride
+    training, momentum, eps : as :func:`spatial_batchnorm_forward`
+
+    Returns
+    -------
+    out : ndarray (N, C, H/size, W/size)
+    cache : BatchNormMaxPoolCache, for :func:`spatial_batchnorm_max_pool_backward`
+    """
+    size = check_int(size, "size")
+    check_ndim("x", x, 4, "(N, C, H, W)")
+    if not pool_tiles(x.shape, size, size):
+        raise ValueError(f"size must be at most 8 and divide the spatial size {x.shape[2:]} of x shape "
+                         f"{x.shape}, got size={size}")
+    mean, inv_std = _spatial_batchnorm_statistics(x, gamma, beta, running_mean, running_var, training,
+                                                  momentum, eps)
+    out, argmax = kernels.batchnorm_max_pool_forward(x, mean, inv_std, gamma, beta, size)
+    return out, BatchNormMaxPoolCache(x, mean.copy(), inv_std, gamma, bool(training), size, argmax)
+
+
+def spatial_batchnorm_max_pool_backward(dout, cache):
+    """Backward pass of :func:`spatial_batchnorm_max_pool_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray (N, C, H/size, W/size), the gradient of the pooled output
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W)
+    dgamma, dbeta : ndarray (C,)
+    """
+    x, mean, inv_std, gamma, training, size, argmax = cache
+    N, C, H, W = x.shape
+    check_upstream(dout, (N, C, H // size, W // size), x.dtype)
+    # Each window's gradient goes to its argmax (max_pool_backward), then batchnorm_backward's
+    # compact formula per channel; the kernel does both without the full-size pool gradient.
+    return kernels.batchnorm_max_pool_backward(np.ascontiguousarray(dout), argmax, x, mean, inv_std, gamma,
+                                               training, size)
 
 
 # ----------------------------------------------------------------------------

@@ -441,6 +441,57 @@ def batchnorm_backward(dout, x, mean, inv_std, gamma, training):
     return dx, dgamma, dbeta
 
 
+def batchnorm_max_pool_forward_numpy(x, mean, inv_std, gamma, beta, size):
+    return max_pool_tiled_forward_numpy(batchnorm_normalize_numpy(x, mean, inv_std, gamma, beta), size)
+
+
+def batchnorm_max_pool_forward(x, mean, inv_std, gamma, beta, size):
+    """Batch-norm normalisation followed by a max pool over ``size x size`` windows that tile x.
+
+    x (N, C, H, W), H and W multiples of ``size``; mean, inv_std, gamma, beta (C,) of x's dtype
+    -> ``(out, argmax)``, both (N, C, H/size, W/size): exactly
+    ``max_pool_tiled_forward(batchnorm_normalize(x, ...), size)``, without writing the
+    normalised image (the compiled kernel normalises each band of ``size`` rows into a buffer
+    and pools it).
+    """
+    _check_float_array("x", x)
+    N, C, H, W = x.shape
+    if H % size or W % size:
+        raise ValueError(f"size={size} must divide the spatial size {(H, W)} of x shape {x.shape}")
+    if _extension is None:
+        return batchnorm_max_pool_forward_numpy(x, mean, inv_std, gamma, beta, size)
+    out = empty((N, C, H // size, W // size), x.dtype)
+    argmax = empty(out.shape, np.int32)
+    if _extension.batchnorm_max_pool_forward(_channels(x), mean, inv_std, gamma, beta, size, W, _channels(out),
+                                             _channels(argmax)):
+        raise MemoryError("batchnorm_max_pool_forward: no memory for a thread's row buffer")
+    return out, argmax
+
+
+def batchnorm_max_pool_backward_numpy(dout, argmax, x, mean, inv_std, gamma, training, size):
+    dy = max_pool_tiled_backward_numpy(dout, argmax, size)
+    return batchnorm_backward_numpy(dy, x, mean, inv_std, gamma, training)
+
+
+def batchnorm_max_pool_backward(dout, argmax, x, mean, inv_std, gamma, training, size):
+    """The backward of :func:`batchnorm_max_pool_forward`: the pooled gradient ``dout`` and the
+    ``argmax`` (N, C, OH, OW), the forward's input ``x`` (N, C, H, W) and statistics -> ``(dx
+    (N, C, H, W), dgamma (C,), dbeta (C,))``, i.e. ``batchnorm_backward(max_pool_tiled_backward(
+    dout, argmax, size), x, ...)`` without the full-size, mostly-zero pool gradient.
+    """
+    _check_float_array("dout", dout)
+    if _extension is None:
+        return batchnorm_max_pool_backward_numpy(dout, argmax, x, mean, inv_std, gamma, training, size)
+    N, C, H, W = x.shape
+    dx = empty(x.shape, x.dtype)
+    dgamma = np.empty(C, dtype=x.dtype)
+    dbeta = np.empty(C, dtype=x.dtype)
+    _extension.batchnorm_max_pool_backward(_channels(dout), _channels(argmax.astype(np.int32, copy=False)),
+                                           _channels(x), mean, inv_std, gamma, bool(training), size, W,
+                                           _channels(dx), dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
 def swap_leading_axes(source, destination, bias=None):
     """Write ``source (A, B, L)`` into ``destination (B, A, L)`` with the first two axes swapped,
     adding ``bias[a]`` (shape (A,)) to every ``source[a]`` when given.

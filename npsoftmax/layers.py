@@ -22,6 +22,7 @@ seed gives the same weights in float32 and float64); biases start at zero.
 """
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -232,7 +233,17 @@ class MaxPool2d(Module):
         return out
 
     def backward(self, dout):
-        return F.max_pool_backward(dout, self._take_cache())
+        cache = self._take_cache()
+        if cache is _POOLED_BY_BATCH_NORM:
+            # The BatchNorm2d before this pool ran both (Sequential's fused pair): it takes the
+            # pooled gradient itself (see BatchNorm2d.forward).
+            return PooledGradient(dout)
+        return F.max_pool_backward(dout, cache)
+
+    def tiles(self, x_shape):
+        """True when this pool's windows tile an (N, C, H, W) input, so that the batch norm
+        before it can pool in the same pass (``functional.pool_tiles``)."""
+        return F.pool_tiles(x_shape, self.size, self.stride)
 
     def __repr__(self):
         return f"MaxPool2d(size={self.size}, stride={self.stride})"
@@ -313,10 +324,49 @@ class BatchNorm2d(_BatchNorm):
     Shapes: x (N, C, H, W) -> out (N, C, H, W), ``C = num_features``; params
     ``gamma (C,)``, ``beta (C,)``; buffers ``running_mean (C,)``, ``running_var (C,)``.
     Training uses batch statistics and updates the buffers in place; eval uses the buffers.
+
+    ``forward(x, pool=p)`` with the ``MaxPool2d`` that follows (its windows tiling x) returns
+    the *pooled* output (N, C, H/size, W/size) and runs both layers in one pass
+    (``functional.spatial_batchnorm_max_pool_forward``: the same numbers, without the
+    full-size normalised image); ``p.backward`` then hands the pooled gradient back
+    unchanged (a ``PooledGradient``) and this layer's ``backward`` does both backward passes.
+    ``Sequential`` does this for every such pair.
     """
 
     _forward = staticmethod(F.spatial_batchnorm_forward)
     _backward = staticmethod(F.spatial_batchnorm_backward)
+
+    def forward(self, x, pool=None):
+        if pool is None:
+            return super().forward(x)
+        if not isinstance(pool, MaxPool2d) or not pool.tiles(np.shape(x)):
+            raise ValueError(f"pool must be a MaxPool2d whose windows tile x (shape {np.shape(x)}), got {pool!r}")
+        out, self._cache = F.spatial_batchnorm_max_pool_forward(
+            x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
+            self.buffers["running_var"], pool.size, training=self.training, momentum=self.momentum, eps=self.eps)
+        pool._cache = _POOLED_BY_BATCH_NORM
+        return out
+
+    def backward(self, dout):
+        cache = self._take_cache()
+        if not isinstance(cache, F.BatchNormMaxPoolCache):
+            return super().backward(dout)
+        if not isinstance(dout, PooledGradient):
+            raise TypeError("BatchNorm2d.backward after forward(x, pool=...) takes what that pool's backward "
+                            f"returned (a PooledGradient), got {type(dout).__name__}")
+        dx, dgamma, dbeta = F.spatial_batchnorm_max_pool_backward(dout.dout, cache)
+        self._store_grads(gamma=dgamma, beta=dbeta)
+        return dx
+
+
+#: A MaxPool2d's cache when the BatchNorm2d before it pooled in its own forward pass.
+_POOLED_BY_BATCH_NORM = "pooled by the batch norm before it"
+
+
+class PooledGradient(NamedTuple):
+    """What a ``MaxPool2d`` fused into the ``BatchNorm2d`` before it returns from ``backward``:
+    the gradient of the pooled output, for that batch norm's ``backward``."""
+    dout: np.ndarray  # (N, C, OH, OW)
 
 
 class Dropout(Module):
@@ -423,9 +473,24 @@ class Sequential(Container):
     def named_children(self):
         return [(str(index), module) for index, module in enumerate(self.modules)]
 
+    #: Run every BatchNorm2d followed by a MaxPool2d whose windows tile its input as one fused
+    #: pass (``BatchNorm2d.forward(x, pool=...)``): the same numbers, less memory traffic.
+    #: Set False (on the class or one instance) to run every module by itself.
+    fuse_batchnorm_max_pool = True
+
     def forward(self, x):
-        for module in self.modules:
-            x = module.forward(x)
+        modules = self.modules
+        index = 0
+        while index < len(modules):
+            module = modules[index]
+            following = modules[index + 1] if index + 1 < len(modules) else None
+            if (self.fuse_batchnorm_max_pool and type(module) is BatchNorm2d and type(following) is MaxPool2d
+                    and np.ndim(x) == 4 and following.tiles(np.shape(x))):
+                x = module.forward(x, pool=following)  # the pool's backward hands its gradient on
+                index += 2
+            else:
+                x = module.forward(x)
+                index += 1
         return x
 
     def backward(self, dout):

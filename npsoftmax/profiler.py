@@ -108,6 +108,7 @@ class Profiler:
         self.elapsed = 0.0
         self._manual_steps = False
         self._patched = []
+        self._kinds = {}  # label -> summary category, where it is not the module type's
 
     # -- recording ---------------------------------------------------------------
     def add_section(self, name, seconds):
@@ -138,8 +139,20 @@ class Profiler:
         """Start timing ``model`` (a Classifier: ``.body`` Sequential and ``.head``) and ``optimizer``."""
         sections.install(self)  # raises if another profiler is attached
         body = getattr(model, "body", model)
-        for index, module in enumerate(body):
+        modules = list(body)
+        fuses = getattr(body, "fuse_batchnorm_max_pool", False)
+        for index, module in enumerate(modules):
             label = f"{index}: {type(module).__name__}"
+            # Sequential runs a BatchNorm2d and the tiling MaxPool2d after it as one pass, timed
+            # as the batch norm's (layers.BatchNorm2d.forward(x, pool=...)).
+            if fuses and type(module).__name__ == "BatchNorm2d" and index + 1 < len(modules) \
+                    and type(modules[index + 1]).__name__ == "MaxPool2d" \
+                    and modules[index + 1].size == modules[index + 1].stride:
+                label += " + pool"
+                self._kinds[label] = "batch norm + max pool"
+            elif fuses and type(module).__name__ == "MaxPool2d" and index > 0 and module.size == module.stride \
+                    and type(modules[index - 1]).__name__ == "BatchNorm2d":
+                label += " (in the batch norm)"
             self.modules.append((label, module))
             if type(module).__name__ == "Conv2d":
                 shapes = {}
@@ -220,7 +233,8 @@ class Profiler:
             elif label.startswith("optimizer"):
                 totals["optimizer"] += seconds
             else:
-                totals[_KIND_OF_MODULE.get(type(module).__name__, type(module).__name__)] += seconds
+                kind = self._kinds.get(label) or _KIND_OF_MODULE.get(type(module).__name__, type(module).__name__)
+                totals[kind] += seconds
         for name in _SECTION_ORDER:
             totals[name] = self.sections.get(name, 0.0)
         # Sections run inside conv modules: take them out of the conv total.
@@ -230,8 +244,8 @@ class Profiler:
                 totals[name] = seconds
         covered = sum(totals.values())
         totals["other"] = max(self.elapsed_seconds() - covered, 0.0)
-        order = list(_SECTION_ORDER) + ["conv (rest)", "max pool", "batch norm", "relu", "linear", "flatten",
-                                        "dropout", "head", "optimizer"]
+        order = list(_SECTION_ORDER) + ["conv (rest)", "max pool", "batch norm", "batch norm + max pool", "relu",
+                                        "linear", "flatten", "dropout", "head", "optimizer"]
         ordered = {name: self.per_step(totals[name]) for name in order if name in totals}
         ordered.update({name: self.per_step(seconds) for name, seconds in totals.items() if name not in ordered})
         return ordered

@@ -128,6 +128,23 @@ def spatial_batchnorm_case(rng, dtype, training):
     return forward, F.spatial_batchnorm_backward, arrays
 
 
+def spatial_batchnorm_max_pool_case(rng, dtype, training, x_shape=(2, 2, 4, 6), size=2):
+    C = x_shape[1]
+    running_mean = random_array(rng, C, dtype)
+    running_var = (0.5 + rng.random(C)).astype(dtype)
+
+    def forward(x, gamma, beta):
+        return F.spatial_batchnorm_max_pool_forward(x, gamma, beta, running_mean, running_var, size,
+                                                    training=training)
+
+    arrays = {
+        "x": (1.5 * rng.standard_normal(x_shape) - 0.5).astype(dtype),
+        "gamma": (1.0 + rng.standard_normal(C)).astype(dtype),  # some negative: the pool then picks the min of x
+        "beta": random_array(rng, C, dtype),
+    }
+    return forward, F.spatial_batchnorm_max_pool_backward, arrays
+
+
 def dropout_case(rng, dtype):
     # A fresh Generator with a fixed seed on every call: the same mask each time,
     # so the finite differences see one fixed function.
@@ -149,6 +166,10 @@ LAYER_CASES = {
     "batchnorm_eval": lambda rng, dtype: batchnorm_case(rng, dtype, False),
     "spatial_batchnorm_train": lambda rng, dtype: spatial_batchnorm_case(rng, dtype, True),
     "spatial_batchnorm_eval": lambda rng, dtype: spatial_batchnorm_case(rng, dtype, False),
+    "spatial_batchnorm_max_pool_train": lambda rng, dtype: spatial_batchnorm_max_pool_case(rng, dtype, True),
+    "spatial_batchnorm_max_pool_eval": lambda rng, dtype: spatial_batchnorm_max_pool_case(rng, dtype, False),
+    "spatial_batchnorm_max_pool_3x3_batch1_channel1": lambda rng, dtype: spatial_batchnorm_max_pool_case(
+        rng, dtype, True, (1, 1, 6, 3), 3),
     "dropout": dropout_case,
     "flatten": flatten_case,
 }
@@ -616,3 +637,61 @@ def test_batchnorm_rejects_mismatched_parameters(rng):
         F.spatial_batchnorm_forward(random_array(rng, (4, 2, 3, 3)), np.ones(2), np.zeros(2), np.zeros(2), np.ones(3))
     with pytest.raises(ValueError, match=r"more than one value per feature, got x shape \(1, 3\)"):
         F.batchnorm_forward(x[:1], np.ones(3), np.zeros(3), np.zeros(3), np.ones(3))
+
+
+# ----------------------------------------------------------------------------
+# Batch norm + tiled max pool in one pass = the two layers apart
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("x_shape, size", [((3, 4, 6, 8), 2), ((1, 1, 6, 3), 3), ((2, 3, 5, 5), 1), ((2, 2, 2, 2), 2)])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_fused_batchnorm_max_pool_equals_the_two_layers(training, x_shape, size, compiled, rng, dtype, monkeypatch):
+    from npsoftmax import kernels
+
+    if compiled and not kernels.HAVE_EXTENSION:
+        pytest.skip("the Cython extension is not built")
+    if not compiled:
+        monkeypatch.setattr(kernels, "_extension", None)
+    C = x_shape[1]
+    x = (2 * rng.standard_normal(x_shape) + 1).astype(dtype)
+    gamma, beta = (rng.standard_normal(C) + 0.5).astype(dtype), rng.standard_normal(C).astype(dtype)
+    buffers = [(rng.standard_normal(C).astype(dtype), (0.5 + rng.random(C)).astype(dtype)) for _ in range(2)]
+    buffers[1] = (buffers[0][0].copy(), buffers[0][1].copy())
+    fused, fused_cache = F.spatial_batchnorm_max_pool_forward(x, gamma, beta, *buffers[0], size, training=training)
+    normalised, norm_cache = F.spatial_batchnorm_forward(x, gamma, beta, *buffers[1], training=training)
+    pooled, pool_cache = F.max_pool_forward(normalised, size, size)
+    np.testing.assert_array_equal(fused, pooled)  # the same formula and comparisons: identical
+    np.testing.assert_array_equal(fused_cache.argmax, pool_cache.argmax)
+    for (fused_buffer, buffer) in zip(buffers[0], buffers[1]):
+        np.testing.assert_array_equal(fused_buffer, buffer)
+    dout = rng.standard_normal(fused.shape).astype(dtype)
+    got = F.spatial_batchnorm_max_pool_backward(dout, fused_cache)
+    expected = F.spatial_batchnorm_backward(F.max_pool_backward(dout, pool_cache), norm_cache)
+    for name, g, e in zip(("dx", "dgamma", "dbeta"), got, expected):
+        assert g.dtype == dtype, name
+        np.testing.assert_allclose(g, e, rtol=2e-5 if dtype == np.float32 else 1e-12,
+                                   atol=2e-6 if dtype == np.float32 else 1e-13, err_msg=name)
+
+
+def test_fused_batchnorm_max_pool_treats_nan_like_the_pool(rng, dtype):
+    x = rng.standard_normal((2, 2, 4, 4)).astype(dtype)
+    x[0, 1, 2, 3] = np.nan
+    gamma, beta = np.ones(2, dtype), np.zeros(2, dtype)
+    stats = [(np.zeros(2, dtype), np.ones(2, dtype)) for _ in range(2)]
+    fused, cache = F.spatial_batchnorm_max_pool_forward(x, gamma, beta, *stats[0], 2, training=False)
+    pooled, pool_cache = F.max_pool_forward(F.spatial_batchnorm_forward(x, gamma, beta, *stats[1], training=False)[0])
+    np.testing.assert_array_equal(fused, pooled)  # NaN in the same window, the rest equal
+    np.testing.assert_array_equal(cache.argmax, pool_cache.argmax)
+    assert cache.argmax[0, 1, 1, 1] == 1  # the NaN's place in its window, as numpy.argmax
+
+
+def test_fused_batchnorm_max_pool_rejects_pools_that_do_not_tile_and_wrong_gradients(rng):
+    x = rng.standard_normal((2, 3, 4, 6))
+    args = (np.ones(3), np.zeros(3), np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"size must be at most 8 and divide the spatial size \(4, 6\)"):
+        F.spatial_batchnorm_max_pool_forward(x, *args, 4)
+    with pytest.raises(ValueError, match="size must be at most 8"):
+        F.spatial_batchnorm_max_pool_forward(rng.standard_normal((1, 3, 9, 9)), *args, 9)
+    out, cache = F.spatial_batchnorm_max_pool_forward(x, *args, 2)
+    with pytest.raises(ValueError, match="dout"):
+        F.spatial_batchnorm_max_pool_backward(np.ones((2, 3, 4, 6)), cache)

@@ -57,6 +57,18 @@ MODULE_CASES = {
         ),
         (2, 2, 5, 4),
     ),
+    # Batch norm followed by a pool that tiles its input: Sequential runs the pair as one pass.
+    "sequential_fused_batchnorm_pool": lambda rng, dtype: (
+        L.Sequential(
+            L.Conv2d(2, 3, (3, 2), pad=1, rng=rng, dtype=dtype, bias=False),
+            L.BatchNorm2d(3, dtype=dtype),
+            L.MaxPool2d(3),
+            L.ReLU(),
+            L.Flatten(),
+            L.Linear(6, 4, rng=rng, dtype=dtype),
+        ),
+        (1, 2, 6, 2),
+    ),
 }
 
 
@@ -284,3 +296,55 @@ def test_conv_module_reports_channel_mismatch_with_both_shapes(rng):
     conv = L.Conv2d(3, 2, 3, rng=rng)
     with pytest.raises(ValueError, match=r"x has C = 1 .*x shape \(2, 1, 5, 5\).*w shape \(2, 3, 3, 3\)"):
         conv.forward(np.zeros((2, 1, 5, 5), np.float32))
+
+
+# ----------------------------------------------------------------------------
+# Sequential's fused batch norm + max pool
+# ----------------------------------------------------------------------------
+def fused_pair_model(rng, dtype, fuse):
+    model = L.Sequential(L.Conv2d(3, 4, 3, pad=1, rng=rng, dtype=dtype, bias=False), L.BatchNorm2d(4, dtype=dtype),
+                         L.MaxPool2d(2), L.ReLU(), L.Flatten(), L.Linear(4 * 3 * 2, 5, rng=rng, dtype=dtype))
+    model.fuse_batchnorm_max_pool = fuse
+    randomise_parameters(model[1], rng)  # gamma around 1 (some negative), random running statistics
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_sequential_fuses_batchnorm_and_pool_with_the_same_results(training, rng, dtype):
+    x = random_array(rng, (3, 3, 6, 4), dtype)
+    dout = random_array(rng, (3, 5), dtype)
+    results = []
+    for fuse in (True, False):
+        model = fused_pair_model(np.random.default_rng(1), dtype, fuse)
+        model.train() if training else model.eval()
+        out = model.forward(x)
+        assert (model[2]._cache == "pooled by the batch norm before it") == fuse  # the pool did not run by itself
+        dx = model.backward(dout)
+        results.append([out, dx, *(model.grads[name] for name in sorted(model.grads)),
+                        *(model.buffers[name] for name in sorted(model.buffers))])
+    for fused, apart in zip(*results):
+        np.testing.assert_allclose(fused, apart, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_sequential_runs_the_pair_apart_when_the_pool_does_not_tile(rng):
+    model = L.Sequential(L.BatchNorm2d(2), L.MaxPool2d(2))
+    model.forward(random_array(rng, (2, 2, 5, 4), np.float32))  # 5 rows: 2x2 windows do not tile them
+    assert not isinstance(model[0]._cache, L.F.BatchNormMaxPoolCache)
+    assert model[1]._cache.path == "im2col"
+
+
+def test_fused_batchnorm_refuses_mismatched_pools_and_gradients(rng):
+    batch_norm, x = L.BatchNorm2d(2), random_array(rng, (2, 2, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="pool must be a MaxPool2d whose windows tile x"):
+        batch_norm.forward(x, pool=L.MaxPool2d(3))
+    with pytest.raises(ValueError, match="pool must be a MaxPool2d"):
+        batch_norm.forward(x, pool=L.ReLU())
+    pool = L.MaxPool2d(2)
+    out = batch_norm.forward(x, pool=pool)
+    assert out.shape == (2, 2, 2, 2)
+    with pytest.raises(TypeError, match="takes what that pool's backward returned"):
+        batch_norm.backward(np.ones_like(out))
+    gradient = pool.backward(np.ones_like(out))
+    assert isinstance(gradient, L.PooledGradient)
+    assert batch_norm.backward(gradient).shape == x.shape

@@ -578,9 +578,11 @@ def test_conv_gemm_flops_by_hand():
     assert conv_gemm_flops(layer, (4, 3, 9, 12)) == (72000, 72000)
 
 
-def test_profiler_times_every_module_and_restores_them(rng):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-batch-norm-pool", "apart"])
+def test_profiler_times_every_module_and_restores_them(rng, fused):
     # input_gradient=True: the only conv must also run col2im for the "col2im" section to appear.
     model = build_model("softmax", 10, (3, 8, 8), rng=rng, widths=(4,), feature_dim=8, input_gradient=True)
+    model.body.fuse_batchnorm_max_pool = fused
     optimizer = SGD(model.params, lr=0.1, momentum=0.9)
     x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, 3)
@@ -594,17 +596,26 @@ def test_profiler_times_every_module_and_restores_them(rng):
     assert profiler.steps == 2
     labels = [label for label, _ in profiler.modules]
     assert labels[0] == "0: Conv2d" and labels[-2].startswith("head") and labels[-1].startswith("optimizer")
+    if fused:  # the batch norm's forward pools too; the pool's own forward never runs
+        assert labels[1:3] == ["1: BatchNorm2d + pool", "2: MaxPool2d (in the batch norm)"]
+        assert profiler.times[(labels[2], "forward")] == 0
+    else:
+        assert labels[1:3] == ["1: BatchNorm2d", "2: MaxPool2d"]
     for label in labels[:-1]:
-        assert profiler.times[(label, "forward")] > 0 and profiler.times[(label, "backward")] > 0, label
+        if not label.endswith("(in the batch norm)"):
+            assert profiler.times[(label, "forward")] > 0, label
+        assert profiler.times[(label, "backward")] > 0, label
     assert profiler.times[(labels[-1], "backward")] > 0  # the optimizer step
     assert set(profiler.sections) == {"im2col", "conv GEMM", "col2im"}
     # Two steps of one 3x3 conv, 3 -> 4 channels, on 3 images of 8x8: (1 + 2) * 2*4*27*192 each.
     assert profiler.conv_flops == 2 * 3 * 2 * 4 * 27 * 3 * 64
     summary = profiler.summary()
-    for row in ("im2col", "conv GEMM", "col2im", "max pool", "batch norm", "relu", "linear", "head", "optimizer"):
-        assert summary[row] >= 0, row
+    norm_and_pool = ("batch norm + max pool",) if fused else ("max pool", "batch norm")
+    for row in ("im2col", "conv GEMM", "col2im", *norm_and_pool, "relu", "linear", "head", "optimizer"):
+        assert summary[row] > 0, row
+    assert ("batch norm" in summary) != fused
     table = profiler.table()
-    for row in ("im2col", "conv GEMM", "col2im", "max pool", "batch norm", "relu", "head", "optimizer", "GFLOP/s"):
+    for row in ("im2col", "conv GEMM", "col2im", *norm_and_pool, "relu", "head", "optimizer", "GFLOP/s"):
         assert row in table, row
     # Restored: the instances no longer carry wrappers, and sections are free no-ops again.
     for module in [*model.body, model.head]:
