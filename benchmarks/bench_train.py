@@ -91,7 +91,7 @@ def make_batch(batch, seed):
 class NumpyRunner:
     """npsoftmax model + SGD; ``train_step()`` and ``infer()`` on fixed data."""
 
-    def __init__(self, batch_norm, x, y, seed, conv_algorithm="auto"):
+    def __init__(self, batch_norm, x, y, seed, conv_algorithm="auto", fuse=True):
         import numpy as np
 
         from npsoftmax.layers import Conv2d
@@ -103,6 +103,7 @@ class NumpyRunner:
         for module in self.model.body:
             if isinstance(module, Conv2d):
                 module.algorithm = conv_algorithm
+        self.model.body.fuse_batchnorm_max_pool = fuse  # batch norm + max pool as one pass (layers.Sequential)
         # torch computes no gradient for the images (they do not require grad); neither
         # does the default npsoftmax body (its first conv skips dx: one GEMM and a col2im).
         assert not self.model.body[0].input_gradient
@@ -260,7 +261,7 @@ def worker(args):
 
     versions.update(numpy=np.__version__, npsoftmax=f"{npsoftmax.__version__} (im2col {BACKEND})")
     x, y = make_batch(args.batch, args.seed)
-    runner = NumpyRunner(VARIANTS[args.variant], x, y, args.seed, args.conv_algorithm)
+    runner = NumpyRunner(VARIANTS[args.variant], x, y, args.seed, args.conv_algorithm, not args.no_fuse)
     if args.worker == "torch":
         runner = TorchRunner(runner.model, x, y)
         if args.debug_perturb:  # a deliberately different twin, to see the loss check refuse it
@@ -294,6 +295,7 @@ def worker_argv(side, variant, threads, args):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", side, "--variant", variant,
             "--threads", str(threads), "--batch", str(args.batch), "--repeats", str(args.repeats),
             "--warmup", str(args.warmup), "--seed", str(args.seed), "--conv-algorithm", args.conv_algorithm]
+    argv += ["--no-fuse"] if args.no_fuse else []
     return argv + (["--debug-perturb"] if args.debug_perturb and side == "torch" else [])
 
 
@@ -386,7 +388,8 @@ def run_processes(args, argv, variants, with_torch, torch_missing):
                                                   None if with_torch else torch_missing)
     order = ", ".join(f"{variant} {side}" for variant in variants
                       for side in (("npsoftmax", "torch") if with_torch else ("npsoftmax",)))
-    lines.append(f"method: batch {args.batch}, float32, npsoftmax conv algorithm {args.conv_algorithm!r}; "
+    lines.append(f"method: batch {args.batch}, float32, npsoftmax conv algorithm {args.conv_algorithm!r}, batch norm + "
+                 f"max pool {'apart (--no-fuse)' if args.no_fuse else 'fused'}; "
                  f"per thread count {args.rounds} round(s) of fresh worker processes alternating {order}; "
                  f"each worker: 1 step (its loss is the first loss), {args.warmup} warm-up, {args.repeats} timed "
                  f"steps, then the same for inference; figure = median of the processes' medians, spread = "
@@ -418,7 +421,7 @@ def run_processes(args, argv, variants, with_torch, torch_missing):
 
         with threadpool_limits(limits=thread_counts[0]):
             x, y = make_batch(args.batch, args.seed)
-            runners = {variant: NumpyRunner(VARIANTS[variant], x, y, args.seed, args.conv_algorithm)
+            runners = {variant: NumpyRunner(VARIANTS[variant], x, y, args.seed, args.conv_algorithm, not args.no_fuse)
                        for variant in variants}
             lines.append(f"\nper-layer profile: npsoftmax alone in the parent process, {thread_counts[0]} threads")
             lines += profile_lines(runners, args)
@@ -462,7 +465,7 @@ def run_same_process(args, argv, variants, with_torch, torch_missing):
 
     rows, numpy_runners, status = [], {}, 0
     for name in variants:
-        runners = {"npsoftmax": NumpyRunner(VARIANTS[name], x, y, args.seed, args.conv_algorithm)}
+        runners = {"npsoftmax": NumpyRunner(VARIANTS[name], x, y, args.seed, args.conv_algorithm, not args.no_fuse)}
         if torch is not None:
             runners["torch"] = TorchRunner(runners["npsoftmax"].model, x, y)
             # Same weights, same data: the first losses agree (a check that the networks are the same).
@@ -526,6 +529,9 @@ def build_parser():
                              ">= 16 input channels and outputs >= 8x8, im2col for the first) or one algorithm "
                              "wherever it applies "
                              "('winograd' needs 3x3 kernels: all of this model's convs are)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="run npsoftmax's batch norm and the max pool after it as two passes (the default "
+                             "fuses them: layers.Sequential.fuse_batchnorm_max_pool)")
     parser.add_argument("--profile", action="store_true", help="also print the per-layer npsoftmax profile")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps averaged by --profile (default 5)")
     parser.add_argument("--no-torch", action="store_true", help="time npsoftmax alone even if torch is installed")
