@@ -115,6 +115,15 @@ def test_bench_train_without_torch_prints_the_npsoftmax_rows_alone():
     assert "np/torch" not in text and "npsoftmax alone" in text
 
 
+def test_bench_train_no_fuse_runs_batch_norm_and_pool_apart():
+    args = [a if a != "plain" else "bn" for a in TINY_STEP]
+    fused = run_script("bench_train.py", *args, "--no-torch")
+    apart = run_script("bench_train.py", *args, "--no-torch", "--no-fuse")
+    assert "batch norm + max pool fused" in fused and "batch norm + max pool apart (--no-fuse)" in apart
+    # the same model and data: the same first-step loss either way
+    assert rows(fused, "bn", "npsoftmax")[0].split()[-1] == rows(apart, "bn", "npsoftmax")[0].split()[-1]
+
+
 def test_bench_epoch_compare_torch_prints_seconds_and_peak_memory_of_each(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench_epoch.txt"
