@@ -928,14 +928,23 @@ def gathered_row_dots(const floating_t[:, ::1] table, const Py_ssize_t[::1] rows
 def scatter_row_products(const floating_t[::1] weights, const floating_t[:, ::1] table, const Py_ssize_t[::1] rows,
                          const floating_t[:, ::1] features, const Py_ssize_t[::1] samples, const Py_ssize_t[::1] slots,
                          floating_t[:, ::1] dfeatures, floating_t[:, ::1] dslots):
-    """The adjoint of gathered_row_dots, added onto zeroed outputs: for every pair c,
-    dfeatures[samples[c]] += weights[c] * table[rows[c]] and dslots[slots[c]] += weights[c] *
-    features[samples[c]] (slots[c]: the pair's row among the distinct rows). One thread: two pairs
-    may share a sample or a slot, so the adds of one output row must not race."""
-    cdef Py_ssize_t C = rows.shape[0], D = table.shape[1], c, d
+    """The adjoint of gathered_row_dots: for every pair c, dfeatures[samples[c]] += weights[c] *
+    table[rows[c]] (dfeatures zeroed by the caller) and dslots[slots[c]] = sum of weights[c] *
+    features[samples[c]] over the pairs of that slot (slots[c]: the pair's row among the distinct
+    rows; dslots is overwritten, 0 for a slot without pairs). One thread: two pairs may share a
+    sample or a slot, so the adds of one output row must not race. The dslots rows are summed slot
+    by slot (a counting sort of the pairs), so each is finished in cache and written once.
+    Returns 1 if there was no memory for the sort."""
+    cdef Py_ssize_t C = rows.shape[0], D = table.shape[1], U = dslots.shape[0], c, d, u, k
     cdef floating_t weight
     cdef floating_t* target
     cdef const floating_t* source
+    cdef Py_ssize_t* first = <Py_ssize_t*>malloc((U + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* order = <Py_ssize_t*>malloc((C + 1) * sizeof(Py_ssize_t))
+    if first == NULL or order == NULL:
+        free(first)
+        free(order)
+        return 1
     with nogil:
         for c in range(C):
             weight = weights[c]
@@ -943,10 +952,38 @@ def scatter_row_products(const floating_t[::1] weights, const floating_t[:, ::1]
             source = &table[rows[c], 0]
             for d in range(D):
                 target[d] += weight * source[d]
-            target = &dslots[slots[c], 0]
+        # pairs of slot u: order[first[u] .. first[u + 1] - 1]
+        for u in range(U + 1):
+            first[u] = 0
+        for c in range(C):
+            first[slots[c] + 1] += 1
+        for u in range(U):
+            first[u + 1] += first[u]
+        for c in range(C):
+            order[first[slots[c]]] = c
+            first[slots[c]] += 1
+        k = 0
+        for u in range(U):  # first[u] is now where slot u's pairs end
+            target = &dslots[u, 0]
+            if k == first[u]:  # a slot without pairs
+                memset(target, 0, D * sizeof(floating_t))
+                continue
+            c = order[k]
+            weight = weights[c]
             source = &features[samples[c], 0]
             for d in range(D):
-                target[d] += weight * source[d]
+                target[d] = weight * source[d]
+            k += 1
+            while k < first[u]:
+                c = order[k]
+                weight = weights[c]
+                source = &features[samples[c], 0]
+                for d in range(D):
+                    target[d] += weight * source[d]
+                k += 1
+    free(first)
+    free(order)
+    return 0
 
 
 def tree_paths(const Py_ssize_t[::1] y, const Py_ssize_t[::1] step_first, const Py_ssize_t[::1] leaf_parent,

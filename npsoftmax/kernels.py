@@ -756,9 +756,10 @@ def scatter_row_products(weights, table, rows, features, samples, slots, n_slots
     if _extension is None:
         return scatter_row_products_numpy(weights, table, rows, features, samples, slots, n_slots)
     dfeatures = np.zeros_like(features, order="C")
-    dslots = np.zeros((n_slots, table.shape[1]), dtype=table.dtype)
-    _extension.scatter_row_products(np.ascontiguousarray(weights), np.ascontiguousarray(table), rows,
-                                    np.ascontiguousarray(features), samples, slots, dfeatures, dslots)
+    dslots = np.empty((n_slots, table.shape[1]), dtype=table.dtype)
+    if _extension.scatter_row_products(np.ascontiguousarray(weights), np.ascontiguousarray(table), rows,
+                                       np.ascontiguousarray(features), samples, slots, dfeatures, dslots):
+        raise MemoryError("scatter_row_products: no memory to sort the pairs by slot")
     return dfeatures, dslots
 
 

@@ -511,6 +511,16 @@ def test_row_kernels_agree_with_their_numpy_references_and_fallback(rng, dtype, 
         np.testing.assert_allclose(numpy_path, reference, **tolerance(dtype))
 
 
+def test_scatter_row_products_gives_zero_rows_to_slots_without_pairs(rng, dtype):
+    table, h, rows, samples = _row_pairs(rng, dtype, n_pairs=6)
+    slots = np.array([4, 0, 4, 2, 0, 4])  # slots 1 and 3 get no pair
+    weights = rng.standard_normal(6).astype(dtype)
+    _, dslots = kernels.scatter_row_products(weights, table, rows, h, samples, slots, 5)
+    _, expected = kernels.scatter_row_products_numpy(weights, table, rows, h, samples, slots, 5)
+    assert not dslots[[1, 3]].any()
+    np.testing.assert_allclose(dslots, expected, **tolerance(dtype))
+
+
 def test_row_kernels_handle_no_pairs_and_reject_bad_indices(rng):
     table, h, _, _ = _row_pairs(rng, np.float32)
     empty = np.zeros(0, dtype=np.int64)
