@@ -478,15 +478,20 @@ class Sequential(Container):
     #: Set False (on the class or one instance) to run every module by itself.
     fuse_batchnorm_max_pool = True
 
+    def fuses_batchnorm_max_pool(self, index):
+        """True when ``forward`` runs module ``index`` (a BatchNorm2d) together with the MaxPool2d
+        after it, for every input whose size that pool's windows tile (``MaxPool2d.tiles``)."""
+        modules = self.modules
+        return (self.fuse_batchnorm_max_pool and index + 1 < len(modules) and type(modules[index]) is BatchNorm2d
+                and type(modules[index + 1]) is MaxPool2d and modules[index + 1].size == modules[index + 1].stride)
+
     def forward(self, x):
         modules = self.modules
         index = 0
         while index < len(modules):
             module = modules[index]
-            following = modules[index + 1] if index + 1 < len(modules) else None
-            if (self.fuse_batchnorm_max_pool and type(module) is BatchNorm2d and type(following) is MaxPool2d
-                    and np.ndim(x) == 4 and following.tiles(np.shape(x))):
-                x = module.forward(x, pool=following)  # the pool's backward hands its gradient on
+            if self.fuses_batchnorm_max_pool(index) and np.ndim(x) == 4 and modules[index + 1].tiles(np.shape(x)):
+                x = module.forward(x, pool=modules[index + 1])  # the pool's backward hands its gradient on
                 index += 2
             else:
                 x = module.forward(x)

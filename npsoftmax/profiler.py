@@ -139,19 +139,15 @@ class Profiler:
         """Start timing ``model`` (a Classifier: ``.body`` Sequential and ``.head``) and ``optimizer``."""
         sections.install(self)  # raises if another profiler is attached
         body = getattr(model, "body", model)
-        modules = list(body)
-        fuses = getattr(body, "fuse_batchnorm_max_pool", False)
-        for index, module in enumerate(modules):
+        fuses = getattr(body, "fuses_batchnorm_max_pool", lambda index: False)
+        for index, module in enumerate(body):
             label = f"{index}: {type(module).__name__}"
             # Sequential runs a BatchNorm2d and the tiling MaxPool2d after it as one pass, timed
             # as the batch norm's (layers.BatchNorm2d.forward(x, pool=...)).
-            if fuses and type(module).__name__ == "BatchNorm2d" and index + 1 < len(modules) \
-                    and type(modules[index + 1]).__name__ == "MaxPool2d" \
-                    and modules[index + 1].size == modules[index + 1].stride:
+            if fuses(index):
                 label += " + pool"
                 self._kinds[label] = "batch norm + max pool"
-            elif fuses and type(module).__name__ == "MaxPool2d" and index > 0 and module.size == module.stride \
-                    and type(modules[index - 1]).__name__ == "BatchNorm2d":
+            elif index > 0 and fuses(index - 1):
                 label += " (in the batch norm)"
             self.modules.append((label, module))
             if type(module).__name__ == "Conv2d":

@@ -218,10 +218,9 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         # (kernels.gathered_row_dots), and the backward scatters them likewise.
         dense = n_samples * rows.size <= min(_GEMM_SCORE_FACTOR * row.size, _DENSE_SCATTER_LIMIT)
         if dense:
-            weight_rows = weights[rows]  # (U, D): each touched row copied once
-            scores = parallel.matmul(h, weight_rows.T)[choice_sample, inverse]
+            weights = weights[rows]  # (U, D): each touched row copied once
+            scores = parallel.matmul(h, weights.T)[choice_sample, inverse]
         else:
-            weight_rows = None
             scores = kernels.gathered_row_dots(weights, row, h, choice_sample)
         scores += self.params["node_b"][rows][inverse]
         log_normaliser = _segment_log_normaliser(scores, step_first, step_of)
@@ -238,7 +237,7 @@ class HierarchicalSoftmaxHead(RowSparseHead):
         dscores = np.exp(scores - log_normaliser[step_of])
         dscores[chosen_entry] -= 1
         dscores *= sample_weight[choice_sample].astype(self.dtype)
-        self._cache = (h, choice_sample, row, rows, inverse, dscores, weight_rows if dense else weights, dense)
+        self._cache = (h, choice_sample, row, rows, inverse, dscores, weights, dense)
         return float(loss)
 
     def backward(self):
