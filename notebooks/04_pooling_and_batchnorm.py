@@ -273,8 +273,8 @@ assert all(error < LAYER_TOLERANCE for error in errors.values())
 # What it saves, in full-size arrays of `x`'s shape read or written per step (the pooled
 # arrays are a quarter of that): forward, the normalised image written and read back (2);
 # backward, the pool's gradient zeroed-and-written and read twice (3). On the CNN's first block
-# (128 x 32 x 32 x 32, float32, 16 MiB per array) the two kernels took 8.0 -> 5.2 ms forward
-# and 28.6 -> 10.8 ms backward on one core of the build VM (README, Benchmarks).
+# (128 x 32 x 32 x 32, float32, 16 MiB per array) the two kernels took 7.3 -> 4.6 ms forward
+# and 23.9 -> 8.6 ms backward on one core of the build VM (README, Benchmarks).
 
 # %% [markdown]
 # ### Takeaways
