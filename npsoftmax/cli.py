@@ -63,6 +63,8 @@ def build_parser(description=None, *, single_run=True, torch=False):
         model.add_argument("--softmax", choices=HEAD_NAMES, default="softmax", help="which output head to train")
     model.add_argument("--widths", type=_int_list, default=None,
                        help="conv block widths, comma separated (default 32,64,128 for cifar100, 16,32,64 for digits)")
+    model.add_argument("--convs-per-block", type=int, default=1, metavar="N",
+                       help="3x3 convs in each conv block (2: VGG-style, the last one pooled)")
     model.add_argument("--feature-dim", type=int, default=None,
                        help="feature size D handed to the head (default 256 for cifar100, 128 for digits)")
     model.add_argument("--no-batch-norm", action="store_true", help="drop batch norm from the conv blocks")
@@ -247,7 +249,7 @@ def build_training(args, dataset):
     rng = np.random.default_rng(args.seed)
     model = build_model(args.softmax, dataset.n_classes, image_shape, rng=rng, dtype=dtype, widths=widths,
                         feature_dim=feature_dim, batch_norm=not args.no_batch_norm,
-                        head_options=head_options(args, dataset))
+                        convs_per_block=args.convs_per_block, head_options=head_options(args, dataset))
     lr_scales = None
     if args.head_lr_scale != 1.0:
         lr_scales = {name: args.head_lr_scale for name in model.params if name.startswith("head.")}
@@ -307,6 +309,8 @@ def run_identity(args):
         identity["label_smoothing"] = args.label_smoothing
     if args.head_lr_scale != 1.0:
         identity["head_lr_scale"] = args.head_lr_scale
+    if args.convs_per_block != 1:  # only when set, so runs made before the option still resume
+        identity["convs_per_block"] = args.convs_per_block
     return identity
 
 
@@ -413,7 +417,8 @@ def check_args(args):
     """
     for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--threads", args.threads),
                           ("--subset", args.subset), ("--profile", getattr(args, "profile", None)),
-                          ("--feature-dim", args.feature_dim), ("--early-stop", args.early_stop)):
+                          ("--feature-dim", args.feature_dim), ("--early-stop", args.early_stop),
+                          ("--convs-per-block", args.convs_per_block)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
     for option, value in (("--seed", args.seed), ("--val", args.val)):

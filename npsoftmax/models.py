@@ -10,7 +10,11 @@ divisible by 8 works, e.g. 8x8x1 digits)::
       -> head (softmax | gumbel | hierarchical | adaptive | sampled) -> loss / log-probabilities (N, K)
 
 Each conv block halves the spatial size; batch norm can be switched off
-(``batch_norm=False``) for the plain variant used in benchmarks.
+(``batch_norm=False``) for the plain variant used in benchmarks. A deeper body
+(``convs_per_block=2``, VGG's pattern) puts more convs of the same width before each
+pool, each but the last followed by its own ReLU at full resolution::
+
+      -> [(Conv2d 3x3 -> BatchNorm2d -> ReLU) x (n - 1) -> Conv2d 3x3 -> BatchNorm2d -> MaxPool2d 2 -> ReLU]
 """
 
 import numpy as np
@@ -23,7 +27,7 @@ DEFAULT_FEATURE_DIM = 256
 
 
 def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True,
-             input_gradient=False, rng, dtype=np.float32):
+             convs_per_block=1, input_gradient=False, rng, dtype=np.float32):
     """Build the conv body.
 
     Parameters
@@ -35,6 +39,9 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     feature_dim : int
         D, the size of the feature vector ``h`` handed to the head.
     batch_norm : bool
+    convs_per_block : int >= 1
+        3x3 convs in each block, all of the block's width (the first takes the previous
+        block's channels). Only the block's last conv is pooled.
     input_gradient : bool
         Whether ``backward`` computes d loss / d image. Training never needs it (the
         images are not parameters), so by default the first conv skips that col2im,
@@ -48,6 +55,8 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     body : Sequential, mapping (N, C, H, W) -> (N, feature_dim)
     """
     channels, height, width = (int(size) for size in image_shape)
+    if isinstance(convs_per_block, bool) or not isinstance(convs_per_block, (int, np.integer)) or convs_per_block < 1:
+        raise ValueError(f"convs_per_block must be an int >= 1, got {convs_per_block!r}")
     downsample = 2 ** len(widths)
     if height % downsample or width % downsample:
         raise ValueError(
@@ -57,18 +66,21 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     modules = []
     in_channels = channels
     for out_channels in widths:
-        # Batch norm subtracts the per-channel mean, which cancels a conv bias exactly
-        # (its gradient is 0), so the conv has a bias only when there is no batch norm.
-        modules.append(Conv2d(in_channels, out_channels, 3, pad=1, rng=rng, dtype=dtype, bias=not batch_norm,
-                              input_gradient=input_gradient or bool(modules)))
-        if batch_norm:
-            modules.append(BatchNorm2d(out_channels, dtype=dtype))
+        for conv in range(convs_per_block):
+            if conv:  # the previous conv's ReLU, at full resolution (only a block's last conv is pooled)
+                modules.append(ReLU())
+            # Batch norm subtracts the per-channel mean, which cancels a conv bias exactly
+            # (its gradient is 0), so the conv has a bias only when there is no batch norm.
+            modules.append(Conv2d(in_channels, out_channels, 3, pad=1, rng=rng, dtype=dtype, bias=not batch_norm,
+                                  input_gradient=input_gradient or bool(modules)))
+            if batch_norm:
+                modules.append(BatchNorm2d(out_channels, dtype=dtype))
+            in_channels = out_channels
         # Pool, then ReLU: the same function as ReLU then pool, bit for bit, because ReLU is
         # non-decreasing, so max(relu(a), relu(b)) = relu(max(a, b)); the gradients agree
         # too (a window whose max is negative passes no gradient either way). Pooling first
         # hands the ReLU a quarter of the values: its forward and backward cost a quarter.
         modules += [MaxPool2d(2), ReLU()]
-        in_channels = out_channels
     flat = in_channels * (height // downsample) * (width // downsample)
     modules += [Flatten(), Linear(flat, feature_dim, rng=rng, dtype=dtype), ReLU()]
     return Sequential(*modules)
@@ -113,7 +125,8 @@ class Classifier(Container):
 
 
 def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, widths=DEFAULT_WIDTHS,
-                feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True, input_gradient=False, head_options=None):
+                feature_dim=DEFAULT_FEATURE_DIM, batch_norm=True, convs_per_block=1, input_gradient=False,
+                head_options=None):
     """The default CNN ending in the registered head ``head_name``.
 
     Parameters
@@ -123,6 +136,7 @@ def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, wid
     n_classes : int
         K.
     image_shape : tuple (C, H, W)
+    widths, feature_dim, batch_norm, convs_per_block, input_gradient : see :func:`cnn_body`
     head_options : dict, optional
         Extra keyword arguments for the head (``tau``, ``cutoffs``, ``tree`` ...).
 
@@ -134,12 +148,13 @@ def build_model(head_name, n_classes, image_shape, *, rng, dtype=np.float32, wid
     # so runs that differ only in the head start from the same body.
     body_rng, head_rng = rng.spawn(2)
     body = cnn_body(image_shape, widths=widths, feature_dim=feature_dim, batch_norm=batch_norm,
-                    input_gradient=input_gradient, rng=body_rng, dtype=dtype)
+                    convs_per_block=convs_per_block, input_gradient=input_gradient, rng=body_rng, dtype=dtype)
     head = make_head(head_name, feature_dim, n_classes, rng=head_rng, dtype=dtype, **(head_options or {}))
     model = Classifier(body, head)
     # What rebuilds this model from a weights file (npsoftmax.weights): every argument but the rng.
     model.spec = {"head": head_name, "n_classes": int(n_classes), "image_shape": [int(v) for v in image_shape],
                   "widths": [int(v) for v in widths], "feature_dim": int(feature_dim),
-                  "batch_norm": bool(batch_norm), "dtype": np.dtype(dtype).name,
+                  "batch_norm": bool(batch_norm), "convs_per_block": int(convs_per_block),
+                  "dtype": np.dtype(dtype).name,
                   "head_options": dict(head_options or {})}
     return model

@@ -7,7 +7,7 @@
 The file uses the checkpoint layout (``checkpoint.py``: same checksum and checks) with
 no optimizer state. Its ``meta`` holds ``model``, the arguments of
 :func:`npsoftmax.models.build_model` that are plain values (head name, K, image shape,
-widths, feature size, batch norm, dtype, head options such as ``tau`` or ``cutoffs``),
+widths, convs per block, feature size, batch norm, dtype, head options such as ``tau`` or ``cutoffs``),
 and the per-channel ``mean``/``std`` the images were normalised with; array-valued
 head options (a hierarchical head's tree) are stored as ``model/`` arrays.
 """
@@ -60,7 +60,9 @@ def build_from_description(spec, arrays):
             options[key] = value
     return build_model(spec["head"], spec["n_classes"], tuple(spec["image_shape"]), rng=np.random.default_rng(0),
                        dtype=np.dtype(spec["dtype"]), widths=tuple(spec["widths"]),
-                       feature_dim=spec["feature_dim"], batch_norm=spec["batch_norm"], head_options=options)
+                       feature_dim=spec["feature_dim"], batch_norm=spec["batch_norm"],
+                       convs_per_block=spec.get("convs_per_block", 1),  # files written before it existed: 1
+                       head_options=options)
 
 
 def save_weights(path, model, *, mean, std, meta=None):

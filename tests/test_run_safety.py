@@ -50,6 +50,7 @@ def test_resume_with_another_head_is_refused_and_names_each_difference(tmp_path,
     ([], ["--lr", "0.01"], "lr"),
     ([], ["--seed", "1"], "seed"),
     ([], ["--head-lr-scale", "0.5"], "head_lr_scale"),
+    ([], ["--convs-per-block", "2"], "convs_per_block"),
 ])
 def test_resume_refuses_any_change_of_identity(tmp_path, capsys, first, second, option):
     run_dir = tmp_path / "run"
@@ -112,6 +113,7 @@ def test_resume_without_a_checkpoint_prints_the_note(tmp_path, capsys):
     (["--softmax", "hierarchical", "--label-smoothing", "0.1"], "the hierarchical head does not support it"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be a finite number >= 0.0 and <= 0.999"),
     (["--head-lr-scale", "0"], "--head-lr-scale must be a finite number > 0.0, got 0.0"),
+    (["--convs-per-block", "0"], "--convs-per-block must be >= 1, got 0"),
     (["--head-lr-scale", "nan"], "--head-lr-scale must be a finite number > 0.0, got nan"),
     (["--softmax", "sampled", "--samples", "0"], "--samples must be in [1, 10]"),
     (["--class-weights", "no-such-file.txt"], "--class-weights must be 'balanced' or a file"),
@@ -123,6 +125,17 @@ def test_impossible_options_end_in_usage_and_exit_2(argv, message, capsys, tmp_p
     err = capsys.readouterr().err
     assert "usage:" in err and message in err, err
     assert not (tmp_path / "run").exists()                    # nothing was created
+
+
+def test_a_deeper_body_trains_and_its_weights_file_rebuilds_it(tmp_path):
+    from npsoftmax.layers import Conv2d
+    from npsoftmax.weights import load_weights
+
+    assert train(tmp_path / "deep", "--convs-per-block", "2") == 0
+    model, info = load_weights(tmp_path / "deep" / "weights.npz")
+    assert info["model"]["convs_per_block"] == 2 and info["identity"]["convs_per_block"] == 2
+    convs = [module for module in model.body.modules if isinstance(module, Conv2d)]
+    assert [(conv.in_channels, conv.out_channels) for conv in convs] == [(1, 4), (4, 4), (4, 8), (8, 8)]
 
 
 def test_class_weights_from_a_file_and_head_options_reach_the_head(tmp_path, capsys):

@@ -177,6 +177,30 @@ def test_default_body_skips_the_image_gradient_but_can_compute_it(rng):
     assert errors["x"] < HEAD_TOLERANCE  # the whole model ends in a head
 
 
+def test_two_convs_per_block_pool_only_the_last_and_match_numerical_gradients(rng):
+    """A VGG-style body: [conv -> BN -> ReLU -> conv -> BN -> pool -> ReLU] per block; every
+    parameter's and the image's gradient against central differences (float64)."""
+    from npsoftmax.gradcheck import HEAD_TOLERANCE, gradient_errors
+    from npsoftmax.layers import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
+
+    x = rng.standard_normal((3, 2, 8, 8))
+    y = np.array([3, 7, 0])
+    model = build_model("softmax", 10, (2, 8, 8), rng=np.random.default_rng(1), dtype=np.float64,
+                        widths=(3, 2), feature_dim=5, convs_per_block=2, input_gradient=True)
+    kinds = [type(module) for module in model.body.modules]
+    block = [Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, MaxPool2d, ReLU]
+    assert kinds == block + block + [Flatten, Linear, ReLU]
+    convs = [module for module in model.body.modules if isinstance(module, Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(2, 3), (3, 3), (3, 2), (2, 2)]
+    model.forward(x, y)
+    dx = model.backward()
+    analytic = {"x": dx, **{name: grad.copy() for name, grad in model.grads.items()}}
+    errors = gradient_errors(lambda: model.forward(x, y), {"x": x, **model.params}, analytic)
+    assert max(errors.values()) < HEAD_TOLERANCE, errors
+    with pytest.raises(ValueError, match="convs_per_block must be an int >= 1, got 0"):
+        build_model("softmax", 10, (2, 8, 8), rng=rng, widths=(3,), convs_per_block=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
