@@ -512,6 +512,15 @@ cdef inline void _batchnorm_gradient_run(const floating_t* dout, const floating_
             dx[l] = scale * dout[l]
 
 
+cdef inline void _parameter_gradients(double* sum_dout, double* sum_dout_xhat, floating_t inv_std,
+                                      floating_t* dbeta, floating_t* dgamma) noexcept nogil:
+    """One channel's dbeta = sum dout and dgamma = sum dout * xhat from sum dout and
+    sum dout * (x - mean): the second sum is scaled by inv_std in place (the dx pass uses it)."""
+    sum_dout_xhat[0] = sum_dout_xhat[0] * inv_std
+    dbeta[0] = <floating_t>sum_dout[0]
+    dgamma[0] = <floating_t>sum_dout_xhat[0]
+
+
 def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] x, floating_t[::1] mean,
                        floating_t[::1] inv_std, floating_t[::1] gamma, bint training,
                        floating_t[:, :, ::1] dx, floating_t[::1] dgamma, floating_t[::1] dbeta):
@@ -531,9 +540,7 @@ def batchnorm_backward(floating_t[:, :, ::1] dout, floating_t[:, :, ::1] x, floa
     cdef double[::1] sum_dout = np.empty(C), sum_dout_xhat = np.empty(C)
     for c in prange(C, nogil=True, schedule="dynamic"):
         _channel_sum_and_dot(dout, x, c, mean[c], &sum_dout[c], &sum_dout_xhat[c])
-        sum_dout_xhat[c] = sum_dout_xhat[c] * inv_std[c]
-        dbeta[c] = <floating_t>sum_dout[c]
-        dgamma[c] = <floating_t>sum_dout_xhat[c]
+        _parameter_gradients(&sum_dout[c], &sum_dout_xhat[c], inv_std[c], &dbeta[c], &dgamma[c])
     for row in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
         n = row // C
         c = row - n * C
@@ -650,9 +657,7 @@ def batchnorm_max_pool_backward(floating_t[:, :, ::1] dout, int[:, :, ::1] argma
         window_offset[k] = (k // size) * W + k % size
     for c in prange(C, nogil=True, schedule="dynamic"):
         _pooled_sum_and_dot(dout, argmax, x, c, size, W, window_offset, mean[c], &sum_dout[c], &sum_dout_xhat[c])
-        sum_dout_xhat[c] = sum_dout_xhat[c] * inv_std[c]
-        dbeta[c] = <floating_t>sum_dout[c]
-        dgamma[c] = <floating_t>sum_dout_xhat[c]
+        _parameter_gradients(&sum_dout[c], &sum_dout_xhat[c], inv_std[c], &dbeta[c], &dgamma[c])
     for plane in prange(N * C, nogil=True, schedule="dynamic", chunksize=_rows_per_task(L)):
         n = plane // C
         c = plane - n * C
