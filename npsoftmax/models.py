@@ -21,6 +21,7 @@ import numpy as np
 
 from .heads import make_head
 from .layers import BatchNorm2d, Container, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .validation import check_int
 
 DEFAULT_WIDTHS = (32, 64, 128)
 DEFAULT_FEATURE_DIM = 256
@@ -55,8 +56,7 @@ def cnn_body(image_shape, *, widths=DEFAULT_WIDTHS, feature_dim=DEFAULT_FEATURE_
     body : Sequential, mapping (N, C, H, W) -> (N, feature_dim)
     """
     channels, height, width = (int(size) for size in image_shape)
-    if isinstance(convs_per_block, bool) or not isinstance(convs_per_block, (int, np.integer)) or convs_per_block < 1:
-        raise ValueError(f"convs_per_block must be an int >= 1, got {convs_per_block!r}")
+    convs_per_block = check_int(convs_per_block, "convs_per_block")
     downsample = 2 ** len(widths)
     if height % downsample or width % downsample:
         raise ValueError(

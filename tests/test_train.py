@@ -197,8 +197,10 @@ def test_two_convs_per_block_pool_only_the_last_and_match_numerical_gradients(rn
     analytic = {"x": dx, **{name: grad.copy() for name, grad in model.grads.items()}}
     errors = gradient_errors(lambda: model.forward(x, y), {"x": x, **model.params}, analytic)
     assert max(errors.values()) < HEAD_TOLERANCE, errors
-    with pytest.raises(ValueError, match="convs_per_block must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="convs_per_block must be >= 1, got 0"):
         build_model("softmax", 10, (2, 8, 8), rng=rng, widths=(3,), convs_per_block=0)
+    with pytest.raises(TypeError, match="convs_per_block must be an int, got float 2.0"):
+        build_model("softmax", 10, (2, 8, 8), rng=rng, widths=(3,), convs_per_block=2.0)
 
 
 @pytest.mark.parametrize("argv, message", [
