@@ -143,22 +143,49 @@ def map_chunks(task, n_items, size):
 
 
 def run_concurrently(*tasks):
-    """``[task() for task in tasks]``, the first on the calling thread and the others on the pool
-    at the same time (all on the calling thread without a pool, or from a pool thread).
+    """``[task() for task in tasks]``, the tasks shared out among the calling thread and the pool.
 
-    For independent branches of one computation, e.g. the adaptive head's head softmax and its
-    tail clusters: one hand-off to the pool instead of one per product. Results come back in
-    the order of ``tasks``; an exception in any task is raised after all have finished.
+    For independent parts of one computation, e.g. the adaptive head's head softmax and its
+    tail clusters: one hand-off to the pool instead of one per product. At most
+    :func:`get_threads` tasks run at a time: the calling thread runs the first task, and it and
+    ``threads - 1`` pool threads then take the next task not yet started, in the order given,
+    until none is left (dynamic scheduling). Give the longest tasks first: the threads then
+    finish close together (the longest-processing-time rule). Results come back in the order
+    of ``tasks``; an exception in any task is raised after all have finished (the first
+    failed task's, in that order). Without a pool, or from a pool thread, the tasks run in
+    turn on the calling thread.
     """
     pool = _pool_for_this_thread()
     if pool is None or len(tasks) < 2:
         return [task() for task in tasks]
-    futures = [pool.submit(task) for task in tasks[1:]]
+    outcomes = [None] * len(tasks)    # (True, result) or (False, exception), by task
+    next_task = iter(range(1, len(tasks)))
+    take_lock = threading.Lock()
+
+    def run(index):
+        try:
+            outcomes[index] = (True, tasks[index]())
+        except BaseException as error:  # re-raised below, once every task has finished
+            outcomes[index] = (False, error)
+
+    def drain():
+        while True:
+            with take_lock:
+                index = next(next_task, None)
+            if index is None:
+                return
+            run(index)
+
+    helpers = [pool.submit(drain) for _ in range(min(_threads, len(tasks)) - 1)]
     try:
-        first = tasks[0]()
+        run(0)
+        drain()
     finally:
-        concurrent.futures.wait(futures)
-    return [first] + [future.result() for future in futures]
+        concurrent.futures.wait(helpers)
+    for finished, value in outcomes:
+        if not finished:
+            raise value
+    return [value for _, value in outcomes]
 
 
 def matmul(a, b, out=None):

@@ -2,6 +2,7 @@
 against loops and numerical gradients while the pool runs, deterministic, clear errors."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,32 @@ def test_heads_on_the_pool_match_numerical_gradients_and_one_thread(pool, rng, m
     assert max(errors.values()) < HEAD_TOLERANCE, errors
 
 
+def test_adaptive_head_runs_small_tasks_together_longest_first_and_splitting_tasks_alone(pool, monkeypatch):
+    """``AdaptiveSoftmaxHead._run_tasks``: tasks that do not split themselves go to one
+    ``run_concurrently`` call, longest first; a task that splits itself runs alone, in turn;
+    below ``CONCURRENT_MIN_FLOPS`` in all, everything runs in turn; results in task order."""
+    from npsoftmax.heads import AdaptiveSoftmaxHead, adaptive
+
+    pool(2)
+    head = AdaptiveSoftmaxHead(16, 20, rng=np.random.default_rng(0), cutoffs=[5, 10])
+    calls = []
+    original = parallel.run_concurrently
+
+    def recording(*tasks):
+        calls.append([task() for task in tasks])  # what it was given, in its order
+        return original(*tasks)
+    monkeypatch.setattr(parallel, "run_concurrently", recording)
+    tasks = [lambda value=value: value for value in "abcd"]
+    costs = [(5, False), (100, True), (7, False), (6, False)]
+    monkeypatch.setattr(adaptive, "CONCURRENT_MIN_FLOPS", 18)
+    assert head._run_tasks(tasks, costs) == list("abcd")
+    assert calls == [["c", "d", "a"]]
+    calls.clear()
+    monkeypatch.setattr(adaptive, "CONCURRENT_MIN_FLOPS", 19)  # 5 + 7 + 6 = 18 < 19
+    assert head._run_tasks(tasks, costs) == list("abcd")
+    assert calls == []
+
+
 def test_run_concurrently_returns_in_order_runs_on_the_pool_and_raises_after_all(pool):
     pool(2)
     caller = threading.current_thread().name
@@ -268,7 +295,6 @@ def test_run_concurrently_returns_in_order_runs_on_the_pool_and_raises_after_all
     results = parallel.run_concurrently(named("a"), named("b"), named("c"))
     assert [value for value, _ in results] == ["a", "b", "c"]
     assert results[0][1] == caller  # the first task runs on the calling thread
-    assert all(name.startswith("npsoftmax-chunk") for _, name in results[1:])
 
     finished.clear()
 
@@ -281,14 +307,49 @@ def test_run_concurrently_returns_in_order_runs_on_the_pool_and_raises_after_all
     assert [value for value, _ in parallel.run_concurrently(named("x"), named("y"))] == ["x", "y"]
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_run_concurrently_shares_the_tasks_among_at_most_threads_threads(pool, threads):
+    """Dynamic scheduling: the first ``threads`` tasks run at the same time (a barrier of that
+    many parties would time out otherwise), never more than ``threads`` at once, every task
+    exactly once, in the order given, and the results in the order of the tasks."""
+    pool(threads)
+    barrier = threading.Barrier(threads, timeout=10)
+    lock = threading.Lock()
+    running, most, started = [0], [0], []
+
+    def task(index):
+        def run():
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                started.append(index)
+            if index < threads:
+                barrier.wait()  # BrokenBarrierError unless `threads` tasks run together
+            time.sleep(0.002)
+            with lock:
+                running[0] -= 1
+            return index, threading.current_thread().name
+        return run
+    results = parallel.run_concurrently(*(task(index) for index in range(7)))
+    assert [index for index, _ in results] == list(range(7))
+    assert most[0] == threads
+    assert sorted(started) == list(range(7))
+    names = {name for _, name in results}
+    assert threading.current_thread().name in names
+    assert len(names) == threads
+
+
 def test_work_split_inside_a_pool_task_runs_inline(pool):
     """A pool task that splits work (map_chunks, matmul) does it on its own thread: it never waits
     on the pool it runs in (which could deadlock it)."""
     pool(2)
 
+    together = threading.Barrier(2, timeout=10)  # so that `outer` runs on the pool, beside the first task
+
     def outer():
+        together.wait()
         names = parallel.map_chunks(lambda start, stop: threading.current_thread().name, 10, 1)
         return threading.current_thread().name, names
-    _, (worker, inner_names) = parallel.run_concurrently(lambda: None, outer)
+    _, (worker, inner_names) = parallel.run_concurrently(together.wait, outer)
     assert worker.startswith("npsoftmax-chunk")
     assert inner_names == [worker] * 10

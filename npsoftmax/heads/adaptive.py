@@ -35,18 +35,16 @@ from .base import Head, linear_weight
 from . import softmax_functions
 from .softmax_functions import log_softmax, log_softmax_target
 
-#: The head softmax and the tail clusters run at the same time on the thread pool (forward and
-#: backward) when each side has at least this many flops of products (~0.3 ms on one core):
-#: waking a pool thread costs 0.1-1 ms, which a small head (CIFAR-100's) would not repay.
+#: The head softmax and the tail clusters are independent tasks until their log-probs are
+#: added. They share out the thread pool's threads (forward and backward) when their products
+#: add up to at least this many flops (~0.3 ms on one core): waking a pool thread costs
+#: 0.1-1 ms, which a small head (CIFAR-100's) would not repay.
 CONCURRENT_MIN_FLOPS = 1 << 24
 
-
-def _branches(head_branch, tail_branch, side_by_side):
-    """``[head_branch(), tail_branch()]``, side by side on the thread pool (in turn without one)
-    or in turn."""
-    if side_by_side:
-        return parallel.run_concurrently(head_branch, tail_branch)
-    return [head_branch(), tail_branch()]
+#: For ordering and sharing out the tasks, one logit of a softmax costs about as much as this
+#: many flops of the products (exp, max, sum and scaling: measured at K = 100,000 on one core,
+#: 1.4 ms for a cluster's 680,000 logits against 0.9 ms for its 22 MFLOP of scores).
+SOFTMAX_FLOPS_PER_LOGIT = 64
 
 
 def default_cutoffs(n_classes, in_features=None, div_value=4.0):
@@ -160,87 +158,114 @@ class AdaptiveSoftmaxHead(Head):
         head_target = np.where(cluster_of == 0, y, self.shortlist_size + cluster_of - 1)
         members_of = [np.flatnonzero(cluster_of == i + 1) for i in range(self.n_clusters)]
 
-        def head_branch():
+        def head_task():
             # output_i = log_softmax(head_i)[target], dhead_i = a_i (softmax(head_i) - onehot(target)):
             # log_softmax_target computes both without forming the log-probabilities.
             return log_softmax_target(self._head_scores(h), head_target, scale)
 
-        def tail_branch():
-            tails, tail_outputs = [], []
-            for i, members in enumerate(members_of):
-                if members.size == 0:
-                    tails.append(None)
-                    continue
-                scores, hidden = self._tail_scores(h[members], i)
-                relative = y[members] - self.cutoffs[i]
-                tail_output, dscores = log_softmax_target(scores, relative, scale[members])
-                tail_outputs.append((members, tail_output))
-                tails.append((members, hidden, dscores))
-            return tails, tail_outputs
+        def tail_task(i):
+            members = members_of[i]
+            scores, hidden = self._tail_scores(h[members], i)
+            relative = y[members] - self.cutoffs[i]
+            tail_output, dscores = log_softmax_target(scores, relative, scale[members])
+            return tail_output, (members, hidden, dscores)
 
-        # The head and the tails are independent until their log-probs are added: with a
-        # thread pool and enough work on both sides they run at the same time (and so do
-        # their backward passes: the decision is kept for backward).
-        side_by_side = self._side_by_side(len(y), members_of)
-        (output, dhead), (tails, tail_outputs) = _branches(head_branch, tail_branch, side_by_side)
-        for members, tail_output in tail_outputs:
-            output[members] += tail_output
+        active = [i for i, members in enumerate(members_of) if members.size]
+        costs = self._task_costs(len(y), members_of, active, softmax=True)
+        results = self._run_tasks([head_task] + [lambda i=i: tail_task(i) for i in active], costs)
+        output, dhead = results[0]
+        tails = [None] * self.n_clusters
+        for i, (tail_output, tail) in zip(active, results[1:]):
+            output[tail[0]] += tail_output
+            tails[i] = tail
         self.last_output = output
-        self._cache = (h, dhead, tails, side_by_side)
+        self._cache = (h, dhead, tails)
         if self.class_weights is None:
             return -float(np.mean(output, dtype=np.float64))
         return -float(np.dot(sample_weight, output))
 
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""
-        h, dhead, tails, side_by_side = self._take_cache()
+        h, dhead, tails = self._take_cache()
 
-        def head_branch():
+        def head_weight_task():
             # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
             parallel.matmul(h.T, dhead, out=self.grads["head_W"])
             if self.head_bias:
                 np.sum(dhead, axis=0, out=self.grads["head_b"])
+
+        def head_input_task():
             return parallel.matmul(dhead, self.params["head_W"].T)
 
-        def tail_branch():
-            dh_tails = np.zeros_like(h)  # the tails' share of dh, added to the head's at the end
-            for i, tail in enumerate(tails):
-                grad_proj, grad_out = self.grads[f"tail{i}_proj"], self.grads[f"tail{i}_out"]
-                if tail is None:  # no target in this cluster: it did not enter the loss
-                    grad_proj[...] = 0
-                    grad_out[...] = 0
-                    continue
-                members, hidden, dscores = tail
-                parallel.matmul(hidden.T, dscores, out=grad_out)
-                dhidden = parallel.matmul(dscores, self.params[f"tail{i}_out"].T)
-                np.matmul(h[members].T, dhidden, out=grad_proj)
-                dh_tails[members] += dhidden @ self.params[f"tail{i}_proj"].T
-            return dh_tails
+        def tail_task(i):
+            members, hidden, dscores = tails[i]
+            parallel.matmul(hidden.T, dscores, out=self.grads[f"tail{i}_out"])
+            dhidden = parallel.matmul(dscores, self.params[f"tail{i}_out"].T)
+            np.matmul(h[members].T, dhidden, out=self.grads[f"tail{i}_proj"])
+            return dhidden @ self.params[f"tail{i}_proj"].T  # cluster i's share of dh[members]
 
-        dh, dh_tails = _branches(head_branch, tail_branch, side_by_side)
-        dh += dh_tails
+        for i, tail in enumerate(tails):
+            if tail is None:  # no target in this cluster: it did not enter the loss
+                self.grads[f"tail{i}_proj"][...] = 0
+                self.grads[f"tail{i}_out"][...] = 0
+        active = [i for i, tail in enumerate(tails) if tail is not None]
+        members_of = [np.empty(0, dtype=np.intp) if tail is None else tail[0] for tail in tails]
+        (head_cost, head_splits), *tail_costs = self._task_costs(len(h), members_of, active, softmax=False)
+        results = self._run_tasks(
+            [head_weight_task, head_input_task] + [lambda i=i: tail_task(i) for i in active],
+            [(head_cost / 2, head_splits)] * 2 + tail_costs)
+        dh = results[1]
+        for i, dh_tail in zip(active, results[2:]):
+            dh[tails[i][0]] += dh_tail   # clusters own disjoint samples
         return dh
 
-    def _side_by_side(self, n_samples, members_of):
-        """Whether the head's and the tails' halves of a pass run at the same time.
+    def _task_costs(self, n_samples, members_of, active, softmax):
+        """``(cost, splits)`` of the head's task and of each active cluster's, in that order.
 
-        Yes when both are worth a thread (``CONCURRENT_MIN_FLOPS`` of products each) and
-        neither is big enough to be split on the pool by itself (its products under ``parallel.MIN_PARALLEL_FLOPS``,
-        its logits under ``softmax_functions.PARALLEL_MIN_LOGITS``): a branch running on a
-        pool thread does its own products on that one thread. With a million classes the
-        tails are the big side, and splitting their products beats running the branches
-        side by side (205 vs 143 ms at 2 threads, K = 1,000,000).
+        ``cost`` estimates the task's time in flops: its products, plus
+        ``SOFTMAX_FLOPS_PER_LOGIT`` per logit in the forward pass (``softmax=True``); the
+        backward pass has twice the products and no softmax. ``splits`` says whether the task
+        cuts its own work into blocks on the pool: a product of ``parallel.MIN_PARALLEL_FLOPS``
+        or more, or ``softmax_functions.PARALLEL_MIN_LOGITS`` logits or more.
         """
         D = self.in_features
-        sizes = [self.cutoffs[i + 1] - self.cutoffs[i] for i in range(self.n_clusters)]
-        head_flops = 2 * n_samples * D * self.head_size
-        tail_flops = sum(2 * members.size * width * (D + size)
-                         for members, width, size in zip(members_of, self.hidden_sizes, sizes))
-        largest_logits = max(n_samples * self.head_size,
-                             sum(members.size * size for members, size in zip(members_of, sizes)))
-        return (min(head_flops, tail_flops) >= CONCURRENT_MIN_FLOPS
-                and max(head_flops, tail_flops) < parallel.MIN_PARALLEL_FLOPS
-                and largest_logits < softmax_functions.PARALLEL_MIN_LOGITS)
+
+        def task(n, products, logits):
+            cost = sum(products) * (1 if softmax else 2) + (SOFTMAX_FLOPS_PER_LOGIT * logits if softmax else 0)
+            splits = (max(products) >= parallel.MIN_PARALLEL_FLOPS
+                      or (softmax and logits >= softmax_functions.PARALLEL_MIN_LOGITS))
+            return cost, splits
+
+        tasks = [task(n_samples, [2 * n_samples * D * self.head_size], n_samples * self.head_size)]
+        for i in active:
+            n, width = members_of[i].size, self.hidden_sizes[i]
+            size = self.cutoffs[i + 1] - self.cutoffs[i]
+            tasks.append(task(n, [2 * n * D * width, 2 * n * width * size], n * size))
+        return tasks
+
+    def _run_tasks(self, tasks, costs):
+        """``[task() for task in tasks]``, sharing the thread pool's threads among them.
+
+        ``costs``: ``(cost, splits)`` per task (``_task_costs``). A task that splits its own
+        products and softmax into blocks, one per thread of the pool, runs alone, in turn. The
+        others, if they add up to at least ``CONCURRENT_MIN_FLOPS``, run at the same time
+        (``parallel.run_concurrently``), longest first, each on one thread. With a million
+        classes the largest tail splits itself, and that beats running it beside the head
+        (205 vs 143 ms at 2 threads, K = 1,000,000); at K = 100,000 no task does, and the
+        head and the three clusters share the threads.
+        """
+        results = [None] * len(tasks)
+        together = [index for index, (_, splits) in enumerate(costs) if not splits]
+        if len(together) > 1 and sum(costs[index][0] for index in together) >= CONCURRENT_MIN_FLOPS:
+            together.sort(key=lambda index: -costs[index][0])
+            for index, result in zip(together, parallel.run_concurrently(*(tasks[index] for index in together))):
+                results[index] = result
+        else:
+            together = []
+        for index, task in enumerate(tasks):
+            if index not in together:
+                results[index] = task()
+        return results
 
     def log_prob(self, h):
         """Exact log-probabilities of all K classes (N, K) (torch's ``log_prob``)."""
