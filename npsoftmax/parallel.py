@@ -21,7 +21,9 @@ core delays only the chunk it holds, and nothing spins.
 The softmax heads use the same pool through :func:`matmul` (a large product cut into one
 block per thread along its cheapest axis) and ``heads.softmax_functions.log_softmax_target``
 (one block of rows per thread); work under a few milliseconds stays on the calling thread,
-because waking a sleeping pool thread costs 0.1-1 ms.
+because waking a sleeping pool thread costs 0.1-1 ms. Independent pieces of work too small to
+split, such as the adaptive head's head softmax and its tail clusters, are shared out among
+the threads whole by :func:`run_concurrently` (each thread takes the next piece not yet started).
 
 A chunk task must write only its own images' slice of shared outputs; a sum over the batch
 (the weight gradient) is returned per chunk and added in chunk order, so the result does

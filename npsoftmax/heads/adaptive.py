@@ -170,6 +170,8 @@ class AdaptiveSoftmaxHead(Head):
             tail_output, dscores = log_softmax_target(scores, relative, scale[members])
             return tail_output, (members, hidden, dscores)
 
+        # The head and each cluster with targets are independent until their log-probs are
+        # added: separate tasks, which _run_tasks shares out among the pool's threads.
         active = [i for i, members in enumerate(members_of) if members.size]
         costs = self._task_costs(len(y), members_of, active, softmax=True)
         results = self._run_tasks([head_task] + [lambda i=i: tail_task(i) for i in active], costs)
