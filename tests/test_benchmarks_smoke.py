@@ -169,3 +169,22 @@ def test_bench_heads_versus_torch_times_each_head_alone_and_refuses_twins_that_d
     refused = run_script("bench_heads.py", *tiny, "--heads", "adaptive,torch-adaptive", "--debug-perturb", expect=1)
     assert "REFUSED" in refused and "first-step losses differ" in refused
     assert "np/torch" not in refused
+
+
+def test_many_cores_script_runs_both_sweeps_and_keeps_their_reports(tmp_path):
+    """benchmarks/many_cores.sh (prepared for a 16-core machine), shrunk to a smoke run: both
+    reports land in the output folder, with the thread counts it was given."""
+    pytest.importorskip("torch")
+    env = {name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+    env.update(THREADS="1", ROUNDS="1", SKIP_BUILD="1", PYTHON=sys.executable,
+               TRAIN_ARGS="--batch 8 --repeats 2 --warmup 1 --variant plain",
+               HEADS_ARGS="--classes 1000 --cutoffs 100,400 --repeats 2 --warmup 1 --heads adaptive,torch-adaptive")
+    completed = subprocess.run(["bash", os.path.join(BENCHMARKS, "many_cores.sh"), str(tmp_path)], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    reports = sorted(path.name for path in tmp_path.glob("*-many-cores-*.txt"))
+    assert [name.split("-many-cores-")[0] for name in reports] == ["bench_heads", "bench_train"], reports
+    train = (tmp_path / reports[1]).read_text()
+    assert rows(train, "plain", "np/torch") and "--threads 1" in train
+    heads = (tmp_path / reports[0]).read_text()
+    assert "adaptive np/torch" in heads
