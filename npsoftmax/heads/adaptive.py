@@ -181,14 +181,14 @@ class AdaptiveSoftmaxHead(Head):
             output[tail[0]] += tail_output
             tails[i] = tail
         self.last_output = output
-        self._cache = (h, dhead, tails)
+        self._cache = (h, dhead, tails, members_of, active)
         if self.class_weights is None:
             return -float(np.mean(output, dtype=np.float64))
         return -float(np.dot(sample_weight, output))
 
     def backward(self):
         """Returns ``dh (N, D)``; writes every entry of ``grads`` (zeros for idle clusters)."""
-        h, dhead, tails = self._take_cache()
+        h, dhead, tails, members_of, active = self._take_cache()
 
         def head_weight_task():
             # The large products run on the thread pool when there is one (npsoftmax.parallel.matmul).
@@ -210,8 +210,6 @@ class AdaptiveSoftmaxHead(Head):
             if tail is None:  # no target in this cluster: it did not enter the loss
                 self.grads[f"tail{i}_proj"][...] = 0
                 self.grads[f"tail{i}_out"][...] = 0
-        active = [i for i, tail in enumerate(tails) if tail is not None]
-        members_of = [np.empty(0, dtype=np.intp) if tail is None else tail[0] for tail in tails]
         (head_cost, head_splits), *tail_costs = self._task_costs(len(h), members_of, active, softmax=False)
         results = self._run_tasks(
             [head_weight_task, head_input_task] + [lambda i=i: tail_task(i) for i in active],
